@@ -1,0 +1,213 @@
+"""The user-facing engine: `LLM(...).generate(prompts, params)`, like vLLM's offline API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from novainfer.block_manager import BlockManager
+from novainfer.config import EngineConfig
+from novainfer.kv_cache import allocate_kv_caches, num_kv_blocks
+from novainfer.model_runner import ModelRunner
+from novainfer.models.presets import RANDOM_PREFIX
+from novainfer.models.qwen2 import build_model
+from novainfer.plugins import AttentionContext, RegisteredBackend, engine_plugin_manager, select_backend
+from novainfer.scheduler import Scheduler
+from novainfer.sequence import SamplingParams, Sequence
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_seqs: int
+    num_sampled: int  # output tokens this step produced
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class LLM:
+    """An engine over one model and one attention backend.
+
+    `plugins` are registered in-process beside the installed ones; `observers` are hook wrappers
+    (see novainfer.observers) registered with the engine's plugin manager.
+    """
+
+    def __init__(
+        self,
+        model: str = "random:qwen2-tiny",
+        *,
+        plugins: Seq[object] = (),
+        observers: Seq[object] = (),
+        **settings: Any,
+    ) -> None:
+        self.config = EngineConfig(model=model, **settings)
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        # Choose the backend before loading weights, so a wrong name fails at once.
+        self.backend: RegisteredBackend = select_backend(cfg.backend, self.device, self.dtype, cfg.block_size, plugins)
+        self.model = build_model(cfg.model, cfg.seed, self.dtype, self.device, cfg.max_model_len)
+        self.model_config = self.model.config
+        mc = self.model_config
+        num_blocks = num_kv_blocks(cfg, mc, self.device, self.dtype)
+        self.kv_caches = allocate_kv_caches(mc, num_blocks, cfg.block_size, self.dtype, self.device)
+        context = AttentionContext(
+            num_q_heads=mc.num_attention_heads, num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
+            num_layers=mc.num_hidden_layers, block_size=cfg.block_size, num_blocks=num_blocks,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=cfg.max_model_len, dtype=self.dtype, device=self.device,
+            options=dict(cfg.backend_options),
+        )
+        self.pm = engine_plugin_manager(self.backend.spec.create(context), observers)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len)
+        self.runner = ModelRunner(
+            self.model, self.kv_caches, self.block_manager, self.pm, cfg.max_num_seqs,
+            cfg.max_num_batched_tokens, cfg.max_model_len, self.device,
+        )
+        self.tokenizer = _load_tokenizer(cfg.model)
+        self.step_stats: list[StepStats] = []
+
+    def add_request(self, prompt: list[int] | str, params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.config.model} has no tokenizer: pass prompts as token-id lists")
+            prompt = self.tokenizer.encode(prompt)
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        seq = Sequence(prompt, params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return seq
+
+    @torch.inference_mode()
+    def step(self, on_logits: Callable[[Sequence, torch.Tensor], None] | None = None) -> list[Sequence]:
+        """Schedule and run one step; returns the requests it finished.
+
+        `on_logits(seq, logits_row)` sees the next-token logits of every sequence that sampled.
+        """
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if not out.entries:
+            raise RuntimeError("the scheduler could not schedule anything: the KV cache is too small")
+        seqs, tokens, logits = self.runner.execute(out)
+        sampled = {}
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if on_logits is not None:
+                on_logits(seq, logits[i])
+            if seq.forced_tokens is not None:
+                token = seq.forced_tokens[seq.num_output_tokens]
+            sampled[seq.seq_id] = token
+        finished = self.scheduler.update(out, sampled, self.model_config.eos_token_id)
+        num_tokens = out.num_tokens
+        self.step_stats.append(
+            StepStats(
+                num_tokens - out.num_decodes, out.num_decodes, len(out.entries), len(seqs), time.perf_counter() - t0
+            )
+        )
+        return finished
+
+    def generate(
+        self,
+        prompts: Seq[list[int] | str],
+        params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        `on_step(n)` is told the number of output tokens each step produced (for progress bars).
+        """
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
+        self._run_to_completion(on_step)
+        return [
+            RequestOutput(
+                s.token_ids[: s.num_prompt_tokens],
+                s.output_token_ids,
+                self.tokenizer.decode(s.output_token_ids) if self.tokenizer else None,
+            )
+            for s in seqs
+        ]
+
+    def teacher_forced_logits(self, prompts: Seq[list[int]], continuations: Seq[list[int]]) -> list[torch.Tensor]:
+        """Logits under teacher forcing: prefill each prompt, then decode feeding its continuation.
+
+        Returns, per prompt, float32 logits [len(continuation), vocab] on the CPU: row i predicts
+        continuation[i] given the prompt and continuation[:i]. The same token sequence goes through
+        every backend, so their logits compare position by position.
+        """
+        collected: dict[int, list[torch.Tensor]] = {}
+        seqs = []
+        for prompt, cont in zip(prompts, continuations):
+            seq = self.add_request(list(prompt), SamplingParams(max_tokens=len(cont), ignore_eos=True))
+            seq.forced_tokens = list(cont)
+            collected[seq.seq_id] = []
+            seqs.append(seq)
+
+        def keep(seq: Sequence, row: torch.Tensor) -> None:
+            collected[seq.seq_id].append(row.float().cpu())
+
+        self._run_to_completion(None, keep)
+        return [torch.stack(collected[s.seq_id]) for s in seqs]
+
+    def _run_to_completion(
+        self,
+        on_step: Callable[[int], None] | None,
+        on_logits: Callable[[Sequence, torch.Tensor], None] | None = None,
+    ) -> None:
+        while self.scheduler.has_unfinished():
+            before = len(self.step_stats)
+            self.step(on_logits)
+            if on_step is not None:
+                on_step(self.step_stats[before].num_sampled)
+
+    def backend_counters(self) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for counters in self.pm.hook.backend_counters():
+            merged.update(counters)
+        return merged
+
+
+def _load_tokenizer(model: str) -> Any:
+    """The checkpoint's tokenizer when it ships one (needs transformers); random models have none."""
+    if model.startswith(RANDOM_PREFIX):
+        return None
+    path = Path(model)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,134 @@
+"""Turns a scheduled step into tensors, runs the model through the backend hooks, and samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pluggy
+import torch
+
+from novainfer.batch import StepBatch
+from novainfer.block_manager import BlockManager
+from novainfer.models.qwen2 import Qwen2ForCausalLM, StepContext
+from novainfer.plugins import resolve_hook
+from novainfer.sampler import sample
+from novainfer.scheduler import SchedulerOutput
+from novainfer.sequence import Sequence
+
+
+class StepBuffers:
+    """Host staging and device tensors for a step's batch, allocated once at their largest size.
+
+    All int64 fields share one buffer and all int32 fields another, so a step uploads with two
+    non-blocking copies from pinned memory and allocates nothing. On the CPU the host buffers are
+    the device buffers.
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.max_tokens, self.max_seqs, self.width = max_tokens, max_seqs, max_blocks_per_seq
+        pin = device.type == "cuda"
+        n64 = 3 * max_tokens + max_seqs
+        n32 = 2 * max_seqs + 1 + max_seqs * max_blocks_per_seq
+        self.host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=pin)
+        self.dev64 = self.host64 if device.type == "cpu" else torch.zeros(n64, dtype=torch.int64, device=device)
+        self.dev32 = self.host32 if device.type == "cpu" else torch.zeros(n32, dtype=torch.int32, device=device)
+        self.np64 = self.host64.numpy()
+        self.np32 = self.host32.numpy()
+
+    # Field offsets: int64 = [input_ids | positions | slot_mapping | logits_indices],
+    # int32 = [query_start_loc | seq_lens | block_tables].
+    def views64(self, t: torch.Tensor | np.ndarray, tokens: int, logits: int) -> tuple:
+        m = self.max_tokens
+        return t[:tokens], t[m : m + tokens], t[2 * m : 2 * m + tokens], t[3 * m : 3 * m + logits]
+
+    def views32(self, t: torch.Tensor | np.ndarray, seqs: int) -> tuple:
+        s = self.max_seqs
+        tables = t[2 * s + 1 :].reshape(s, self.width)
+        return t[: seqs + 1], t[s + 1 : s + 1 + seqs], tables[:seqs]
+
+    def upload(self) -> None:
+        if self.dev64 is not self.host64:
+            self.dev64.copy_(self.host64, non_blocking=True)
+            self.dev32.copy_(self.host32, non_blocking=True)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Qwen2ForCausalLM,
+        kv_caches: list[torch.Tensor],
+        block_manager: BlockManager,
+        pm: pluggy.PluginManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.device = device
+        self.buffers = StepBuffers(
+            max_num_batched_tokens, max_num_seqs, -(-max_model_len // self.block_size), device
+        )
+        self.prepare_metadata = resolve_hook(pm, "prepare_attention_metadata")
+        self.write_kv = resolve_hook(pm, "write_kv")
+        self.attention = resolve_hook(pm, "attention")
+
+    def prepare(self, out: SchedulerOutput) -> StepBatch:
+        """Fill the step buffers from the scheduled sequences and upload them."""
+        buf = self.buffers
+        entries = out.entries
+        num_seqs = len(entries)
+        num_tokens = out.num_tokens
+        num_logits = sum(e.samples for e in entries)
+        ids, positions, slots, logits_idx = buf.views64(buf.np64, num_tokens, num_logits)
+        query_start, seq_lens, tables = buf.views32(buf.np32, num_seqs)
+        tables[:] = 0
+        bs = self.block_size
+        t = 0
+        j = 0
+        query_start[0] = 0
+        for i, entry in enumerate(entries):
+            seq, n = entry.seq, entry.num_new_tokens
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            tables[i, : len(table)] = table
+            if n == 1:
+                ids[t] = seq.token_ids[start]
+                positions[t] = start
+                slots[t] = table[start // bs] * bs + start % bs
+            else:
+                pos = np.arange(start, start + n)
+                ids[t : t + n] = seq.token_ids[start : start + n]
+                positions[t : t + n] = pos
+                slots[t : t + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            t += n
+            query_start[i + 1] = t
+            seq_lens[i] = start + n
+            if entry.samples:
+                logits_idx[j] = t - 1
+                j += 1
+        buf.upload()
+        d_ids, d_pos, d_slots, d_logits = buf.views64(buf.dev64, num_tokens, num_logits)
+        d_qsl, d_lens, d_tables = buf.views32(buf.dev32, num_seqs)
+        h_qsl, h_lens, _ = buf.views32(buf.host32, num_seqs)
+        return StepBatch(
+            input_ids=d_ids, positions=d_pos, slot_mapping=d_slots, query_start_loc=d_qsl,
+            seq_lens=d_lens, block_tables=d_tables, query_start_loc_cpu=h_qsl, seq_lens_cpu=h_lens,
+            logits_indices=d_logits, num_decodes=out.num_decodes,
+            max_query_len=max(e.num_new_tokens for e in entries),
+            max_seq_len=int(seq_lens.max()), block_size=bs,
+        )
+
+    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], torch.Tensor]:
+        """Run one step: the sequences that sampled, their new tokens, and their logits [S, vocab]."""
+        batch = self.prepare(out)
+        metadata = self.prepare_metadata(batch=batch)
+        step = StepContext(metadata, batch.slot_mapping, self.kv_caches, self.write_kv, self.attention)
+        hidden = self.model(batch.input_ids, batch.positions, step)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        sampling = [e.seq for e in out.entries if e.samples]
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        return sampling, tokens.tolist(), logits

@@ -1,0 +1,202 @@
+"""Qwen2 causal LM over the paged KV cache, with attention delegated to the backend hooks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from novainfer.layers import FusedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from novainfer.models.presets import RANDOM_PREFIX, Qwen2Config, preset_config
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every layer of one step needs for attention: the backend's metadata, the cache and the hooks."""
+
+    metadata: Any
+    slot_mapping: torch.Tensor
+    kv_caches: list[torch.Tensor]
+    write_kv: Callable[..., Any]
+    attention: Callable[..., Any]
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        kv_cache = step.kv_caches[self.layer_idx]
+        step.write_kv(
+            layer_idx=self.layer_idx, key=k, value=v, kv_cache=kv_cache,
+            slot_mapping=step.slot_mapping, metadata=step.metadata,
+        )
+        out = step.attention(
+            layer_idx=self.layer_idx, query=q, kv_cache=kv_cache, metadata=step.metadata, scale=self.scale
+        )
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg, layer_idx, rotary)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: Qwen2Config, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta)  # one table, shared by all layers
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext) -> torch.Tensor:
+        """Final hidden states [T, hidden] of a step's tokens."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, step)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+# Checkpoint names of parts we store fused: (fused module attribute, shard index).
+_FUSED_PARTS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    return files
+
+
+def load_checkpoint(model: Qwen2ForCausalLM, path: Path) -> None:
+    """Copy a Hugging Face Qwen2 checkpoint's tensors into `model`; every parameter must be found."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    for file in _checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for hf_name in f.keys():
+                name = hf_name.removeprefix("model.")
+                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    continue  # tied: the embedding is the head
+                tensor = f.get_tensor(hf_name)
+                module, _, leaf = name.rpartition(".")
+                parent, _, part = module.rpartition(".")
+                if part in _FUSED_PARTS:
+                    fused, shard = _FUSED_PARTS[part]
+                    target = f"{parent}.{fused}.{leaf}"
+                    linear = model.get_submodule(f"{parent}.{fused}")
+                    params[target].data[linear.shard_slice(shard)].copy_(tensor)
+                    filled.add(f"{target}#{shard}")
+                    continue
+                if name not in params:
+                    raise KeyError(f"{file.name}: unexpected tensor {hf_name}")
+                params[name].data.copy_(tensor)
+                filled.add(name)
+    expected = _expected_entries(model)
+    missing = sorted(expected - filled)
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _expected_entries(model: Qwen2ForCausalLM) -> set[str]:
+    entries = set()
+    for name, _ in model.named_parameters():
+        module = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, FusedLinear):
+            entries.update(f"{name}#{i}" for i in range(len(module.shard_sizes)))
+        else:
+            entries.add(name)
+    return entries
+
+
+def init_random(model: Qwen2ForCausalLM, seed: int) -> None:
+    """Deterministic random weights: each tensor from its own CPU generator seeded by (seed, name).
+
+    CPU generation is bitwise the same on every machine, and seeding per name makes a tensor's
+    values independent of the order parameters are created in.
+    """
+    for name, param in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            param.data.fill_(1.0)
+            continue
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+        param.data.copy_(values)
+
+
+def build_model(model: str, seed: int, dtype: torch.dtype, device: torch.device, max_positions: int) -> Qwen2ForCausalLM:
+    """The model for `random:<preset>` or a checkpoint directory, in `dtype` on `device`, in eval mode."""
+    if model.startswith(RANDOM_PREFIX):
+        cfg = preset_config(model)
+    else:
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+        cfg = Qwen2Config.from_dir(path)
+    # Build and fill on the CPU in float32, then move: random values stay machine-independent and
+    # checkpoint tensors are copied once.
+    net = Qwen2ForCausalLM(cfg, max_positions)
+    if model.startswith(RANDOM_PREFIX):
+        init_random(net, seed)
+    else:
+        load_checkpoint(net, Path(model))
+    # Only parameters take the model dtype: the rotary tables (buffers) stay float32.
+    for param in net.parameters():
+        param.data = param.data.to(dtype)
+    return net.to(device).eval().requires_grad_(False)

@@ -1,0 +1,195 @@
+"""Finding backends: the registry built from entry points, and the engine's one-backend plugin manager."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+import torch
+
+from novainfer import hookspecs
+from novainfer.hookspecs import hookimpl
+
+ENTRY_POINT_GROUP = "novainfer"
+
+
+class BackendError(RuntimeError):
+    """The requested backend is unknown, unavailable here, or cannot run this configuration."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run.
+
+    devices: device types ("cpu", "cuda").
+    dtypes: torch dtype names ("float32", "bfloat16", ...).
+    block_sizes: the KV block sizes it accepts; None means any.
+    cuda_graphs: whether its decode path may be captured in a CUDA graph.
+    kv_layout: how it reads the core's cache; the core's layout is
+        [2, num_blocks, block_size, num_kv_heads, head_dim] ("NHD"); a backend states the view it takes.
+    """
+
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    block_sizes: tuple[int, ...] | None = None
+    cuda_graphs: bool = False
+    kv_layout: str = "NHD"
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """What a backend is created with: the model's attention shape and the engine's limits."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend as a plugin declares it.
+
+    create: builds the object whose hookimpls answer the attention hooks for one engine.
+    unavailable: returns why the backend cannot run on this machine ("needs CUDA",
+        "flashinfer is not installed"), or None when it can. It must not import kernel libraries
+        just to answer; checking that they are installed (importlib.util.find_spec) is enough.
+    """
+
+    name: str
+    create: Callable[[AttentionContext], object]
+    capabilities: Capabilities
+    unavailable: Callable[[], str | None] = lambda: None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RegisteredBackend:
+    spec: BackendSpec
+    plugin: str  # the distribution that provides it, or "in-process"
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def discover_backends(extra_plugins: Sequence[object] = ()) -> dict[str, RegisteredBackend]:
+    """Every backend declared by installed plugins (entry-point group `novainfer`) and `extra_plugins`."""
+    found: dict[str, RegisteredBackend] = {}
+
+    def collect(plugin: object, dist_name: str, version: str) -> None:
+        pm = pluggy.PluginManager("novainfer")
+        pm.add_hookspecs(hookspecs)
+        pm.register(plugin)
+
+        def register(spec: BackendSpec) -> None:
+            if spec.name in found:
+                raise BackendError(
+                    f"backend {spec.name!r} is registered twice ({found[spec.name].plugin} and {dist_name})"
+                )
+            found[spec.name] = RegisteredBackend(spec, dist_name, version)
+
+        pm.hook.register_backends(register=register)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist
+        collect(ep.load(), dist.name if dist else ep.name, dist.version if dist else "unknown")
+    for plugin in extra_plugins:
+        collect(plugin, "in-process", "")
+    return found
+
+
+def unsupported_reason(spec: BackendSpec, device: torch.device, dtype: torch.dtype, block_size: int) -> str | None:
+    """Why `spec` cannot run here with these settings, or None."""
+    reason = spec.unavailable()
+    if reason:
+        return reason
+    caps = spec.capabilities
+    if device.type not in caps.devices:
+        return f"runs on {', '.join(caps.devices)}, not {device.type}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in caps.dtypes:
+        return f"supports dtypes {', '.join(caps.dtypes)}, not {dtype_name}"
+    if caps.block_sizes is not None and block_size not in caps.block_sizes:
+        return f"supports block sizes {', '.join(map(str, caps.block_sizes))}, not {block_size}"
+    return None
+
+
+def select_backend(
+    name: str, device: torch.device, dtype: torch.dtype, block_size: int, extra_plugins: Sequence[object] = ()
+) -> RegisteredBackend:
+    """The registered backend `name`, checked against this machine and settings; one-line errors."""
+    backends = discover_backends(extra_plugins)
+    usable = sorted(n for n, b in backends.items() if not unsupported_reason(b.spec, device, dtype, block_size))
+    listing = ", ".join(usable) or "none"
+    if name not in backends:
+        raise BackendError(f"unknown backend {name!r}; available backends: {listing}")
+    reason = unsupported_reason(backends[name].spec, device, dtype, block_size)
+    if reason:
+        raise BackendError(f"backend {name!r} is not available: {reason}; available backends: {listing}")
+    return backends[name]
+
+
+class CoreDefaults:
+    """The core's fallback implementations, registered to run after the backend's."""
+
+    @hookimpl(trylast=True)
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> bool:
+        scatter_kv(key, value, kv_cache, slot_mapping)
+        return True
+
+
+def scatter_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """One indexed copy per tensor: token i goes to flat slot slot_mapping[i] (block * block_size + offset)."""
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def engine_plugin_manager(backend: object, observers: Sequence[object] = ()) -> pluggy.PluginManager:
+    """The engine's plugin manager: the chosen backend, the core defaults and any observers."""
+    pm = pluggy.PluginManager("novainfer")
+    pm.add_hookspecs(hookspecs)
+    pm.register(CoreDefaults(), name="core-defaults")
+    pm.register(backend, name="backend")
+    for observer in observers:
+        pm.register(observer)
+    pm.check_pending()
+    return pm
+
+
+def resolve_hook(pm: pluggy.PluginManager, name: str) -> Callable[..., Any]:
+    """A callable for a firstresult hook, resolved once so per-layer calls skip pluggy's dispatch.
+
+    With hook wrappers registered (observers) the full pluggy call is kept so they see every call;
+    otherwise the implementations are called directly, in pluggy's order, until one answers.
+    """
+    caller = getattr(pm.hook, name)
+    impls = caller.get_hookimpls()
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        return caller
+    # An implementation may take a subset of the hook's arguments, as pluggy allows.
+    ordered = [(impl.function, impl.argnames) for impl in reversed(impls)]
+
+    def first_result(**kwargs: Any) -> Any:
+        for function, argnames in ordered:
+            result = function(*[kwargs[name] for name in argnames])
+            if result is not None:
+                return result
+        return None
+
+    return first_result

@@ -1,0 +1,42 @@
+"""Shared fixtures: real checkpoints written by transformers into temp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def write_qwen2_checkpoint(
+    path: Path, *, tied: bool, heads: int, kv_heads: int, seed: int = 0, shard: bool = False
+) -> Path:
+    """Save a random Qwen2ForCausalLM with transformers' own save_pretrained (safetensors)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=512, hidden_size=heads * 16, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+        # A wide init spreads the logits, so greedy choices are not decided by rounding.
+        initializer_range=0.2, eos_token_id=None, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).eval()
+    # transformers zero-inits the q/k/v biases; make them matter.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.2)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="100KB" if shard else "10GB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_qwen2_checkpoint(tmp_path_factory.mktemp("tied"), tied=True, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def untied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_qwen2_checkpoint(tmp_path_factory.mktemp("untied"), tied=False, heads=6, kv_heads=1, shard=True)
