@@ -27,7 +27,8 @@ def test_teacher_forced_logits_match_transformers(which: str, request: pytest.Fi
     split = [20, 2, 33]  # prefill length; the rest goes through decode steps
     # A small token budget and block size so the prefill is chunked and blocks are scattered.
     llm = LLM(str(path), backend="native", block_size=4, max_num_batched_tokens=16, max_model_len=128, device="cpu")
-    ours = llm.teacher_forced_logits([s[:k] for s, k in zip(sequences, split)], [s[k:] for s, k in zip(sequences, split)])
+    prompts = [s[:k] for s, k in zip(sequences, split)]
+    ours = llm.teacher_forced_logits(prompts, [s[k:] for s, k in zip(sequences, split)])
     hf = hf_model(path)
     for seq, k, got in zip(sequences, split, ours):
         with torch.no_grad():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from novainfer.config import EngineConfig
 from novainfer.kv_cache import allocate_kv_caches, num_kv_blocks
 from novainfer.model_runner import ModelRunner
 from novainfer.models.presets import RANDOM_PREFIX
-from novainfer.models.qwen2 import build_model
+from novainfer.models.qwen2 import Qwen2ForCausalLM, build_model
 from novainfer.plugins import AttentionContext, RegisteredBackend, engine_plugin_manager, select_backend
 from novainfer.scheduler import Scheduler
 from novainfer.sequence import SamplingParams, Sequence
@@ -59,7 +60,9 @@ class LLM:
     """An engine over one model and one attention backend.
 
     `plugins` are registered in-process beside the installed ones; `observers` are hook wrappers
-    (see novainfer.observers) registered with the engine's plugin manager.
+    (see novainfer.observers) registered with the engine's plugin manager. `shared_model` reuses
+    another engine's weights (same model, dtype and device), so a reference engine for a
+    correctness check costs no second copy.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class LLM:
         *,
         plugins: Seq[object] = (),
         observers: Seq[object] = (),
+        shared_model: Qwen2ForCausalLM | None = None,
         **settings: Any,
     ) -> None:
         self.config = EngineConfig(model=model, **settings)
@@ -76,7 +80,11 @@ class LLM:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         # Choose the backend before loading weights, so a wrong name fails at once.
         self.backend: RegisteredBackend = select_backend(cfg.backend, self.device, self.dtype, cfg.block_size, plugins)
-        self.model = build_model(cfg.model, cfg.seed, self.dtype, self.device, cfg.max_model_len)
+        self.model = (
+            shared_model
+            if shared_model is not None
+            else build_model(cfg.model, cfg.seed, self.dtype, self.device, cfg.max_model_len)
+        )
         self.model_config = self.model.config
         mc = self.model_config
         num_blocks = num_kv_blocks(cfg, mc, self.device, self.dtype)
@@ -141,13 +149,15 @@ class LLM:
     def generate(
         self,
         prompts: Seq[list[int] | str],
-        params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        params: SamplingParams | Seq[SamplingParams] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order.
 
         `on_step(n)` is told the number of output tokens each step produced (for progress bars).
         """
+        if params is None:
+            params = SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")

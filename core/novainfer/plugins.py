@@ -14,6 +14,14 @@ from novainfer import hookspecs
 from novainfer.hookspecs import hookimpl
 
 ENTRY_POINT_GROUP = "novainfer"
+# Backends this project ships as separate distributions: naming one that is not installed says
+# what to install rather than "unknown backend".
+FIRST_PARTY_PLUGINS = {
+    "native": "novainfer-plugin-native",
+    "cudnn": "novainfer-plugin-cudnn",
+    "flashattn": "novainfer-plugin-flashattn",
+    "flashinfer": "novainfer-plugin-flashinfer",
+}
 
 
 class BackendError(RuntimeError):
@@ -135,6 +143,11 @@ def select_backend(
     usable = sorted(n for n, b in backends.items() if not unsupported_reason(b.spec, device, dtype, block_size))
     listing = ", ".join(usable) or "none"
     if name not in backends:
+        if name in FIRST_PARTY_PLUGINS:
+            raise BackendError(
+                f"backend {name!r} is not installed (pip install {FIRST_PARTY_PLUGINS[name]}); "
+                f"available backends: {listing}"
+            )
         raise BackendError(f"unknown backend {name!r}; available backends: {listing}")
     reason = unsupported_reason(backends[name].spec, device, dtype, block_size)
     if reason:

@@ -61,8 +61,9 @@ class Qwen2Config:
 
 
 PRESETS: dict[str, Qwen2Config] = {
+    # Vocabulary 10240: nano-vllm-style random prompts draw ids up to 10000.
     "qwen2-tiny": Qwen2Config(
-        vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        vocab_size=10240, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
         max_position_embeddings=4096,
     ),

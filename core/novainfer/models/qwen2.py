@@ -129,7 +129,7 @@ def load_checkpoint(model: Qwen2ForCausalLM, path: Path) -> None:
     filled: set[str] = set()
     for file in _checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
-            for hf_name in f.keys():
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 name = hf_name.removeprefix("model.")
                 if name == "lm_head.weight" and model.config.tie_word_embeddings:
                     continue  # tied: the embedding is the head
@@ -180,7 +180,9 @@ def init_random(model: Qwen2ForCausalLM, seed: int) -> None:
         param.data.copy_(values)
 
 
-def build_model(model: str, seed: int, dtype: torch.dtype, device: torch.device, max_positions: int) -> Qwen2ForCausalLM:
+def build_model(
+    model: str, seed: int, dtype: torch.dtype, device: torch.device, max_positions: int
+) -> Qwen2ForCausalLM:
     """The model for `random:<preset>` or a checkpoint directory, in `dtype` on `device`, in eval mode."""
     if model.startswith(RANDOM_PREFIX):
         cfg = preset_config(model)

@@ -1,0 +1,99 @@
+"""Where trials run. The runner talks only to `Executor`, so a remote one can replace the local one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from novainfer.ab.record import TrialRecord
+from novainfer.ab.trial import TrialRequest, new_record
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class Executor(Protocol):
+    def run(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
+        """Run one trial to its record; never raises for what happens inside the trial."""
+        ...
+
+
+class LocalSubprocessExecutor:
+    """Each trial in a fresh Python process on this machine, so a crash, out-of-memory or hang in one
+    backend costs that trial only. A trial past its timeout is killed with its whole process group.
+
+    `log_dir` keeps each trial's stderr (tracebacks, library warnings) as <trial>.log.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
+        safe_name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in request.trial_id)
+        log_path = self.log_dir / f"{safe_name}.log"
+        with tempfile.TemporaryDirectory() as tmp:
+            result_path = Path(tmp) / "result.json"
+            request = replace(request, result_path=str(result_path))
+            started = time.time()
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "novainfer.ab.trial"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                    start_new_session=True,  # its own process group, so a kill takes its children too
+                    preexec_fn=_die_with_parent,
+                )
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write(request.to_json())
+                proc.stdin.close()
+                reader = threading.Thread(target=_read_progress, args=(proc.stdout, on_progress), daemon=True)
+                reader.start()
+                try:
+                    returncode = proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    record = new_record(request)
+                    record.status, record.reason = "timeout", f"killed after the trial timeout of {timeout_s:g} s"
+                    record.started_at, record.finished_at = started, time.time()
+                    return record
+                finally:
+                    reader.join(timeout=5)
+            if result_path.exists():
+                return TrialRecord.from_dict(json.loads(result_path.read_text()))
+        record = new_record(request)
+        record.status = "failed"
+        record.reason = f"trial process exited with code {returncode} and no result; see {log_path}"
+        if returncode < 0:
+            record.reason = f"trial process killed by signal {-returncode} (out of memory?); see {log_path}"
+        record.started_at, record.finished_at = started, time.time()
+        return record
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to kill it when the sweep process dies (even by SIGKILL),
+    so a killed sweep leaves no trial running on behind it."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _read_progress(stream: Any, on_progress: ProgressCallback) -> None:
+    for line in stream:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a library printing to stdout is not a progress event
+        if isinstance(event, dict):
+            on_progress(event)

@@ -1,0 +1,567 @@
+"""Experiment files: the TOML that fixes a sweep's caliber, validated into arms and an ordered trial plan.
+
+A file has four tables (unknown keys are rejected everywhere, so a typo never silently becomes a default):
+
+    [workload]  name (optional), num_seqs, input_len = [lo, hi], output_len = [lo, hi], seed = 0
+                (nano-vllm bench.py's random workload; EOS is always ignored)
+    [engine]    any EngineConfig field; the arms start from these values
+    [sweep]     axes (required: axis -> list of values; an axis is `backend` or any EngineConfig field),
+                repeats = 3, order = "interleaved" | "blocked", baseline = {axis = value, ...} (default: the
+                first arm), trial_timeout_s = 1800, warmup_seqs (default min(num_seqs, 8)),
+                [sweep.correctness] enabled = true, num_seqs = 4, prompt_len = 64, decode_steps = 16,
+                max_rel_err = 1e-2
+    [mlflow]    experiment = "nova-ab", tracking_uri (optional; None lets the tracker pick its default store)
+
+Every problem is reported as one `ExperimentError` line, `<file>: <field>: <problem>`, the field a dotted path
+into the file (`workload.input_len`, `sweep.axes.block_size`), so the CLI can print it and exit 2.
+
+Import cost matters here (the CLI validates before anything else): this module imports neither torch nor
+the plugin registry (which does); the checks that need them import them when they run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, fields, replace
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
+
+from novainfer.ab.workload import MAX_TOKEN_ID, Workload
+from novainfer.config import ConfigError, EngineConfig
+from novainfer.models.presets import PRESETS, RANDOM_PREFIX
+
+# Where a CPU-only machine should go instead of a CUDA experiment.
+CPU_EXPERIMENT = "experiments/smoke.toml"
+DEFAULT_WARMUP_SEQS = 8
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+ENGINE_FIELDS = tuple(f.name for f in fields(EngineConfig))
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file; str() is the one line `<file>: <field>: <problem>`."""
+
+    def __init__(self, file: str | Path, field: str, problem: str) -> None:
+        # One line, always: the CLI's contract is a single stderr line per error.
+        problem = " ".join(problem.splitlines())
+        super().__init__(f"{file}: {field}: {problem}")
+        self.file = str(file)
+        self.field = field
+        self.problem = problem
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The file's schema. Strict: TOML already types its values, so "16" for an integer is a mistake, not a conversion.
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _length_range(value: Any) -> tuple[int, int]:
+    """An inclusive [lo, hi] token-length range, 1 <= lo <= hi."""
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"expected [lo, hi], two integers, got {_show(value)}")
+    lo, hi = value
+    if lo < 1:
+        raise ValueError(f"lengths must be at least 1, got [{lo}, {hi}]")
+    if lo > hi:
+        raise ValueError(f"lo ({lo}) > hi ({hi})")
+    return lo, hi
+
+
+class WorkloadTable(_Table):
+    """[workload]: nano-vllm bench.py's random workload."""
+
+    # The name becomes part of the sweep's directory name (and a glob pattern), hence the plain characters.
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    num_seqs: int = Field(gt=0)
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+    seed: int = 0
+
+    @field_validator("input_len", "output_len", mode="before")
+    @classmethod
+    def check_range(cls, value: Any) -> tuple[int, int]:
+        return _length_range(value)
+
+
+class CorrectnessTable(_Table):
+    """[sweep.correctness]: the teacher-forced logits check against the reference backend, run before timing.
+
+    prompt_len is the longest gate prompt (lengths vary down to half of it, for a ragged batch).
+    """
+
+    enabled: bool = True
+    num_seqs: int = Field(4, gt=0)
+    prompt_len: int = Field(64, gt=0)
+    decode_steps: int = Field(16, gt=0)
+    max_rel_err: float = Field(1e-2, gt=0)
+
+
+class SweepTable(_Table):
+    """[sweep]: what varies, how often, in what order, against which baseline.
+
+    warmup_seqs: the workload's first warmup_seqs requests are generated once, untimed, in the trial's engine
+    before the timed run (kernel compilation, graph capture, allocator growth); None means
+    min(num_seqs, 8) and is resolved on load.
+    """
+
+    axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
+    repeats: int = Field(3, ge=1)
+    order: Literal["interleaved", "blocked"] = "interleaved"
+    baseline: dict[str, Any] | None = None
+    trial_timeout_s: float = Field(1800.0, gt=0)
+    warmup_seqs: int | None = Field(None, ge=0)
+    correctness: CorrectnessTable = CorrectnessTable()
+
+
+class MlflowTable(_Table):
+    """[mlflow]: where results are logged; not part of the sweep's identity."""
+
+    experiment: str = Field("nova-ab", min_length=1)
+    tracking_uri: str | None = None
+
+
+def _engine_table() -> type[BaseModel]:
+    """[engine] as a pydantic model built from EngineConfig's own fields, types and defaults.
+
+    The types catch wrong TOML types with a clear message; EngineConfig's __post_init__ stays the one place
+    that knows the valid values.
+    """
+    hints = get_type_hints(EngineConfig)
+    table: dict[str, Any] = {}
+    for f in fields(EngineConfig):
+        default = Field(default_factory=f.default_factory) if f.default is MISSING else f.default
+        table[f.name] = (hints[f.name], default)
+    return create_model("EngineTable", __base__=_Table, **table)
+
+
+EngineTable = _engine_table()
+
+
+class ExperimentFile(_Table):
+    workload: WorkloadTable
+    engine: EngineTable = EngineTable()
+    sweep: SweepTable
+    mlflow: MlflowTable = MlflowTable()
+
+
+@cache
+def _engine_field_adapter(name: str) -> TypeAdapter[Any]:
+    """Validates one axis value as the EngineConfig field it sets."""
+    return TypeAdapter(get_type_hints(EngineConfig)[name], config=ConfigDict(strict=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The validated experiment.
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One combination of axis values.
+
+    label: "axis=value,..." in axis order, e.g. "backend=native,block_size=16" (trial ids and MLflow use it).
+    params: the axis values, e.g. {"backend": "native", "block_size": 16}.
+    config: the [engine] table with the axis values applied, validated; a relative model path is resolved
+        against the experiment file's directory.
+    """
+
+    label: str
+    params: dict[str, Any]
+    config: EngineConfig
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One run of one arm: trial_id = f"{arm.label}#{repeat}"; order = its 0-based position in the plan."""
+
+    trial_id: str
+    arm: Arm
+    repeat: int
+    order: int
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file.
+
+    name: the workload's name, or the file's stem made safe for a directory name.
+    workload: the fixed workload every trial runs.
+    engine: the [engine] table as written plus defaults (each arm overrides its axes).
+    sweep: the [sweep] table, defaults filled in and warmup_seqs resolved to a number.
+    arms: the cartesian product of the axes, in file order (first axis slowest).
+    baseline: the arm the others are compared with.
+    sweep_id: 12 hex digits of SHA-256 over the canonical JSON of to_dict(), what is measured: the same
+        experiment, written with or without defaults, comments or reordered tables, gets the same id; the
+        workload's name and [mlflow] (labels and destinations) are not part of it.
+    """
+
+    path: Path
+    name: str
+    workload: Workload
+    engine: EngineConfig
+    sweep: SweepTable
+    mlflow: MlflowTable
+    arms: tuple[Arm, ...]
+    baseline: Arm
+    sweep_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved content that defines the sweep (what sweep_id hashes)."""
+        return _identity(self.workload, self.engine, self.sweep, self.baseline)
+
+    @property
+    def baseline_arm(self) -> str:
+        """The baseline arm's label (what records and the comparison name it by)."""
+        return self.baseline.label
+
+    def flat_params(self) -> dict[str, Any]:
+        """The settings as flat dotted keys ("workload.num_seqs", "sweep.axes.backend", ...), for MLflow."""
+        content = self.to_dict()
+        content["sweep"]["axes"] = dict(self.sweep.axes)
+        content["mlflow"] = {"experiment": self.mlflow.experiment}
+        flat: dict[str, Any] = {"name": self.name}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}", item)
+            else:
+                flat[prefix] = value
+
+        for key, value in content.items():
+            walk(key, value)
+        return flat
+
+
+def _identity(workload: Workload, engine: EngineConfig, sweep: SweepTable, baseline: Arm) -> dict[str, Any]:
+    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline"})
+    # Axis order decides arm labels and trial order, so it is part of the identity: a dict would be key-sorted.
+    sweep_dict["axes"] = [[axis, values] for axis, values in sweep.axes.items()]
+    sweep_dict["baseline"] = baseline.label
+    return {
+        "workload": {
+            "num_seqs": workload.num_seqs,
+            "input_len": list(workload.input_len),
+            "output_len": list(workload.output_len),
+            "seed": workload.seed,
+        },
+        "engine": engine.to_dict(),
+        "sweep": sweep_dict,
+    }
+
+
+def load_experiment(path: Path) -> Experiment:
+    """Read and validate an experiment file; every problem raises ExperimentError (one line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ExperimentError(path, "(file)", "no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ExperimentError(path, "(file)", f"cannot read it: {error}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ExperimentError(path, "(syntax)", f"invalid TOML: {error}") from None
+    try:
+        parsed = ExperimentFile.model_validate(raw)
+    except ValidationError as error:
+        field, problem = _describe(error, raw)
+        raise ExperimentError(path, field, problem) from None
+    return _resolve(path, parsed)
+
+
+def plan_trials(experiment: Experiment) -> list[TrialSpec]:
+    """Every trial in run order: interleaved (A B C A B C ...) or blocked (A A B B C C).
+
+    Interleaving is the default because slow drift (thermals, clocks, a neighbour's load) then spreads over
+    every arm instead of biasing whichever arm ran last.
+    """
+    repeats = range(experiment.sweep.repeats)
+    if experiment.sweep.order == "interleaved":
+        pairs = [(arm, r) for r in repeats for arm in experiment.arms]
+    else:
+        pairs = [(arm, r) for arm in experiment.arms for r in repeats]
+    return [TrialSpec(f"{arm.label}#{r}", arm, r, i) for i, (arm, r) in enumerate(pairs)]
+
+
+def check_runnable(experiment: Experiment) -> None:
+    """Raise ExperimentError when an arm needs CUDA (device = "cuda") and this machine has none.
+
+    Only the device is checked: a backend that is missing or unavailable here is the runner's business (its
+    trials are recorded as skipped, with the reason).
+    """
+    cuda_arms = [arm for arm in experiment.arms if arm.config.device == "cuda"]
+    if not cuda_arms:
+        return
+    import torch  # only here: validation alone must not pay for it
+
+    if not torch.cuda.is_available():
+        field = "sweep.axes.device" if "device" in experiment.sweep.axes else "engine.device"
+        raise ExperimentError(
+            experiment.path,
+            field,
+            f'{len(cuda_arms)} of {len(experiment.arms)} arms need a CUDA GPU (device = "cuda") and '
+            f"torch.cuda.is_available() is False; on a CPU machine run {CPU_EXPERIMENT}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks past the schema: values, models, backends and lengths, per arm.
+
+
+def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
+    wl = parsed.workload
+    workload = Workload(wl.num_seqs, wl.input_len, wl.output_len, wl.seed)
+    engine_values = parsed.engine.model_dump()
+    engine = _engine_config(path, engine_values, {})
+    axes = parsed.sweep.axes
+    for axis, values in axes.items():
+        _check_axis(path, axis, values)
+
+    arms = []
+    for combo in itertools.product(*axes.values()):
+        params = dict(zip(axes, combo, strict=True))
+        config = _engine_config(path, {**engine_values, **params}, params)
+        arms.append(Arm(_label(params), params, config))
+
+    arms = [_resolved_model(path, arm) for arm in arms]
+    _check_backends(path, arms)
+    _check_lengths(path, workload, parsed.sweep.correctness, arms)
+
+    warmup = parsed.sweep.warmup_seqs
+    if warmup is None:
+        warmup = min(wl.num_seqs, DEFAULT_WARMUP_SEQS)
+    elif warmup > wl.num_seqs:
+        raise ExperimentError(
+            path, "sweep.warmup_seqs", f"must be at most workload.num_seqs ({wl.num_seqs}), got {warmup}"
+        )
+    sweep = parsed.sweep.model_copy(update={"warmup_seqs": warmup})
+
+    baseline = _baseline(path, parsed.sweep.baseline, axes, arms)
+    name = wl.name or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)
+    identity = json.dumps(_identity(workload, engine, sweep, baseline), sort_keys=True, separators=(",", ":"))
+    return Experiment(
+        path=path, name=name, workload=workload, engine=engine, sweep=sweep, mlflow=parsed.mlflow,
+        arms=tuple(arms), baseline=baseline, sweep_id=hashlib.sha256(identity.encode()).hexdigest()[:12],
+    )
+
+
+def _field(name: str, params: Mapping[str, Any]) -> str:
+    """Where a setting's value came from: the arm's axis, or the [engine] table."""
+    return f"sweep.axes.{name}" if name in params else f"engine.{name}"
+
+
+def _engine_config(path: Path, values: dict[str, Any], params: dict[str, Any]) -> EngineConfig:
+    try:
+        return EngineConfig(**values)
+    except ConfigError as error:
+        if error.field in params or not params:
+            raise ExperimentError(path, _field(error.field, params), error.problem) from None
+        # The [engine] table alone was valid, so this arm's axis values broke a cross-field rule.
+        raise ExperimentError(path, "sweep.axes", f"arm {_label(params)}: {error}") from None
+
+
+def _check_axis(path: Path, axis: str, values: list[Any]) -> None:
+    field = f"sweep.axes.{axis}"
+    if axis not in ENGINE_FIELDS:
+        raise ExperimentError(path, field, f"unknown axis; an axis is an engine setting: {', '.join(ENGINE_FIELDS)}")
+    adapter = _engine_field_adapter(axis)
+    seen = set()
+    for value in values:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as error:
+            raise ExperimentError(path, field, _problem(error.errors())) from None
+        shown = _show_value(value)
+        if shown in seen:
+            raise ExperimentError(path, field, f"duplicate value {shown}")
+        seen.add(shown)
+
+
+def _resolved_model(path: Path, arm: Arm) -> Arm:
+    """The arm with its model checked (a known preset, or a checkpoint directory) and a relative path resolved."""
+    model = arm.config.model
+    field = _field("model", arm.params)
+    if model.startswith(RANDOM_PREFIX):
+        name = model.removeprefix(RANDOM_PREFIX)
+        if name not in PRESETS:
+            raise ExperimentError(path, field, f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        _check_vocab(path, field, f"preset {name!r}", PRESETS[name].vocab_size)
+        return arm
+    directory = Path(model).expanduser()
+    if not directory.is_absolute():
+        directory = path.parent / directory
+    if not directory.is_dir():
+        raise ExperimentError(path, field, f"missing model directory {str(directory)!r}")
+    config_path = directory / "config.json"
+    try:
+        vocab_size = json.loads(config_path.read_text())["vocab_size"]
+    except FileNotFoundError:
+        raise ExperimentError(path, field, f"model directory {str(directory)!r} has no config.json") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExperimentError(path, field, f"cannot read vocab_size from {config_path}: {error!r}") from None
+    _check_vocab(path, field, f"model {str(directory)!r}", vocab_size)
+    return replace(arm, config=replace(arm.config, model=str(directory.resolve())))
+
+
+def _check_vocab(path: Path, field: str, what: str, vocab_size: Any) -> None:
+    if not isinstance(vocab_size, int) or vocab_size <= MAX_TOKEN_ID:
+        raise ExperimentError(
+            path, field,
+            f"{what} has vocab_size {vocab_size!r}, but the workload draws token ids up to {MAX_TOKEN_ID}; "
+            f"use one with vocab_size > {MAX_TOKEN_ID}",
+        )
+
+
+def _check_backends(path: Path, arms: Iterable[Arm]) -> None:
+    """Unknown backend names are file errors; first-party backends that are absent or unusable here are not
+    (the runner records their trials as skipped, with the reason)."""
+    from novainfer.plugins import FIRST_PARTY_PLUGINS, discover_backends  # imports torch: only when checking
+
+    unknown = {arm.config.backend: arm for arm in arms if arm.config.backend not in FIRST_PARTY_PLUGINS}
+    if not unknown:
+        return
+    installed = discover_backends()
+    for name, arm in unknown.items():
+        if name not in installed:
+            known = ", ".join(sorted({*installed, *FIRST_PARTY_PLUGINS}))
+            raise ExperimentError(
+                path, _field("backend", arm.params),
+                f"unknown backend {name!r}; available backends: {known} (installed: {', '.join(sorted(installed))})",
+            )
+
+
+def _check_lengths(path: Path, workload: Workload, gate: CorrectnessTable, arms: Iterable[Arm]) -> None:
+    longest = workload.input_len[1] + workload.output_len[1]
+    for arm in arms:
+        max_len = arm.config.max_model_len
+        if max_len < longest:
+            raise ExperimentError(
+                path, _field("max_model_len", arm.params),
+                f"{max_len} is below the longest request: input hi {workload.input_len[1]} + "
+                f"output hi {workload.output_len[1]} = {longest}",
+            )
+        if gate.enabled and max_len < gate.prompt_len + gate.decode_steps:
+            raise ExperimentError(
+                path, "sweep.correctness",
+                f"prompt_len {gate.prompt_len} + decode_steps {gate.decode_steps} exceeds max_model_len {max_len}",
+            )
+
+
+def _baseline(path: Path, wanted: dict[str, Any] | None, axes: Mapping[str, list[Any]], arms: list[Arm]) -> Arm:
+    if wanted is None:
+        return arms[0]
+    for axis in wanted:
+        if axis not in axes:
+            raise ExperimentError(path, f"sweep.baseline.{axis}", f"not an axis; axes: {', '.join(axes)}")
+    matches = [arm for arm in arms if all(arm.params[k] == v for k, v in wanted.items())]
+    if len(matches) != 1:
+        found = "no arm" if not matches else f"{len(matches)} arms (name more axes to pick one)"
+        raise ExperimentError(
+            path, "sweep.baseline", f"{_label(wanted)} matches {found}; arms: {'; '.join(a.label for a in arms)}"
+        )
+    return matches[0]
+
+
+def _show_value(value: Any) -> str:
+    """An axis value as it appears in labels: strings bare, everything else as compact (TOML-like) JSON."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _label(params: Mapping[str, Any]) -> str:
+    return ",".join(f"{axis}={_show_value(value)}" for axis, value in params.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pydantic errors, translated to `field: problem` in plain words.
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than_equal": ("le", "<=")}
+
+
+def _show(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _describe(error: ValidationError, raw: dict[str, Any]) -> tuple[str, str]:
+    """The first error's field (a dotted path of keys the file has, or lacks for "missing") and problem.
+
+    pydantic adds union-member tags to a location ("kv_cache_capacity", "int"); walking the location through
+    the file's own data stops at the first element that is not a real key, which drops them.
+    """
+    errors = error.errors()
+    first = errors[0]
+    keys: list[str | int] = []
+    data: Any = raw
+    for part in first["loc"]:
+        if (isinstance(data, dict) and part in data) or (isinstance(data, list) and isinstance(part, int)):
+            keys.append(part)
+            data = data[part]
+        else:
+            if first["type"] == "missing" and part == first["loc"][-1]:
+                keys.append(part)
+            break
+    field = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".") or "(top level)"
+    # A union reports one error per member at the same place: say what any of them would have accepted.
+    same_place = [e for e in errors if e["loc"][: len(keys)] == first["loc"][: len(keys)]]
+    problem = _problem(same_place)
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(keys[:-1])
+        problem += f"; known keys: {', '.join(known)}" if known else ""
+    return field, problem
+
+
+def _problem(errors: list[Any]) -> str:
+    first = errors[0]
+    kind, ctx, value = first["type"], first.get("ctx", {}), first["input"]
+    expected = [_EXPECTED.get(e["type"]) or e.get("ctx", {}).get("expected") for e in errors]
+    if all(expected) and (kind in _EXPECTED or kind == "literal_error"):
+        return f"expected {' or '.join(dict.fromkeys(expected))}, got {_show(value)}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"must be {op} {ctx[key]}, got {_show(value)}"
+    if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        return "must not be empty"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        return f"use only letters, digits, '.', '_' and '-', got {_show(value)}"
+    if kind == "value_error":
+        return str(ctx["error"])
+    return f"{first['msg']}, got {_show(value)}"
+
+
+def _known_keys(table_path: list[str | int]) -> list[str]:
+    """The keys the schema allows in the table at `table_path`, or [] when that is not a fixed table."""
+    model: Any = ExperimentFile
+    for part in table_path:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,121 @@
+"""Backends are found through entry points or registered in-process; exactly one answers the hooks."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from importlib.metadata import distribution
+from typing import Any
+
+import pytest
+import torch
+
+from novainfer import LLM, SamplingParams, hookspecs
+from novainfer.batch import StepBatch
+from novainfer.hookspecs import hookimpl
+from novainfer.observers import PHASES, PhaseTimer
+from novainfer.plugins import (
+    AttentionContext,
+    BackendError,
+    BackendSpec,
+    Capabilities,
+    discover_backends,
+    unsupported_reason,
+)
+
+TINY = dict(device="cpu", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_capacity=512)
+
+
+class CountingBackend:
+    """Delegates to native and counts hook calls, to check when the core calls each hook."""
+
+    def __init__(self, context: AttentionContext) -> None:
+        from novainfer_native.backend import NativeBackend
+
+        self.native = NativeBackend(context)
+        self.calls = {"metadata": 0, "attention": 0}
+
+    @hookimpl
+    def prepare_attention_metadata(self, batch: StepBatch) -> object:
+        self.calls["metadata"] += 1
+        return self.native.prepare_attention_metadata(batch=batch)
+
+    @hookimpl
+    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+        self.calls["attention"] += 1
+        return self.native.attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale)
+
+
+class InProcessPlugin:
+    def __init__(self) -> None:
+        self.instances: list[CountingBackend] = []
+
+    def create(self, context: AttentionContext) -> CountingBackend:
+        self.instances.append(CountingBackend(context))
+        return self.instances[-1]
+
+    @hookimpl
+    def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
+        register(BackendSpec("counting", self.create, Capabilities(devices=("cpu",), dtypes=("float32",))))
+        register(
+            BackendSpec(
+                "needs-gpu-lib",
+                self.create,
+                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                unavailable=lambda: "gpulib is not installed",
+            )
+        )
+
+
+def test_native_is_found_through_its_pip_installed_entry_point() -> None:
+    dist = distribution("novainfer-plugin-native")
+    assert any(ep.group == "novainfer" and ep.name == "native" for ep in dist.entry_points)
+    native = discover_backends()["native"]
+    assert native.plugin == "novainfer-plugin-native" and native.version == dist.version
+    assert native.spec.capabilities.devices == ("cpu", "cuda")
+
+
+def test_in_process_plugin_is_found_and_hooks_run_once_per_step_and_per_layer() -> None:
+    plugin = InProcessPlugin()
+    assert {"native", "counting"} <= set(discover_backends([plugin]))
+    llm = LLM("random:qwen2-tiny", backend="counting", plugins=[plugin], **TINY)
+    llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, ignore_eos=True))
+    backend = plugin.instances[-1]
+    steps = len(llm.step_stats)
+    assert backend.calls["metadata"] == steps
+    assert backend.calls["attention"] == steps * llm.model_config.num_hidden_layers
+
+
+def test_unknown_and_unavailable_backends_fail_with_the_available_list() -> None:
+    with pytest.raises(BackendError, match=r"^unknown backend 'nope'; available backends: native$"):
+        LLM("random:qwen2-tiny", backend="nope", **TINY)
+    with pytest.raises(BackendError, match="gpulib is not installed; available backends: counting, native"):
+        LLM("random:qwen2-tiny", backend="needs-gpu-lib", plugins=[InProcessPlugin()], **TINY)
+    with pytest.raises(BackendError, match=r"pip install novainfer-plugin-flashinfer"):
+        LLM("random:qwen2-tiny", backend="flashinfer", **TINY)
+    counting = discover_backends([InProcessPlugin()])["counting"].spec
+    assert unsupported_reason(counting, torch.device("cuda"), torch.float32, 16) == "runs on cpu, not cuda"
+    assert unsupported_reason(counting, torch.device("cpu"), torch.bfloat16, 16) == (
+        "supports dtypes float32, not bfloat16"
+    )
+
+
+def test_every_hook_is_documented() -> None:
+    hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "novainfer_spec")]
+    assert {f.__name__ for f in hooks} >= {"register_backends", "prepare_attention_metadata", "write_kv", "attention"}
+    for hook in hooks:
+        doc = inspect.getdoc(hook) or ""
+        assert "Called" in doc, f"{hook.__name__} does not say when it is called"
+        assert ":returns:" in doc or "register" in hook.__name__, f"{hook.__name__} does not say what it returns"
+        for param in inspect.signature(hook).parameters:
+            assert f":param {param}:" in doc, f"{hook.__name__} does not document {param}"
+
+
+def test_phase_timer_sees_every_phase() -> None:
+    timer = PhaseTimer(torch.device("cpu"))
+    llm = LLM("random:qwen2-tiny", backend="native", observers=[timer], **TINY)
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
+    seconds = timer.seconds()
+    layers = llm.model_config.num_hidden_layers
+    assert set(seconds) == set(PHASES) and all(v > 0 for v in seconds.values())
+    assert timer.calls == {"metadata": 4, "kv_write": 4 * layers, "attention": 4 * layers}

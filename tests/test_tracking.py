@@ -1,0 +1,261 @@
+"""MLflow tracking against a real SQLite store in a temp dir: parents, idempotent children, imports."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from novainfer.ab.ledger import Ledger
+from novainfer.ab.record import TrialRecord
+from novainfer.ab.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline_mlflow() -> Iterator[None]:
+    # MLflow reads this each time it would send telemetry; the test machine has no network anyway.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _scratch_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Anything MLflow would write relative to the working directory lands in the test's temp dir.
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(tracking URI, artifact location) of one SQLite store shared by the module (creating one is slow)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root}/mlflow.db", str(root / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def tracker(store: tuple[str, str]) -> Tracker:
+    uri, artifacts = store
+    return Tracker(uri, "nova-test", artifact_location=artifacts)
+
+
+def _client(store: tuple[str, str]) -> Any:  # an mlflow.MlflowClient; MLflow is imported lazily
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store[0])
+
+
+def _sweep(sweep_id: str, name: str | None = None) -> SweepInfo:
+    return SweepInfo(
+        sweep_id=sweep_id,
+        name=name or f"sweep-{sweep_id}",
+        baseline_arm="backend=native",
+        params={"sweep.repeats": 3, "engine.max_num_seqs": 64, "sweep.axes": {"backend": ["native", "x"]}},
+        experiment_text='[sweep]\nrepeats = 3\nbaseline = "backend=native"\n',
+        tags={"host": "test"},
+    )
+
+
+def _record(sweep_id: str, arm: str, repeat: int, status: str = "ok", tok_s: float = 100.0) -> TrialRecord:
+    return TrialRecord(
+        sweep_id=sweep_id,
+        trial_id=f"{arm}#{repeat}",
+        arm=arm,
+        arm_params={"backend": arm.split("=")[1]},
+        repeat=repeat,
+        order=repeat * 2 + (arm != "backend=native"),
+        status=status,  # type: ignore[arg-type]
+        reason=None if status == "ok" else f"{status} on purpose",
+        config={"backend": arm.split("=")[1], "block_size": 16, "backend_options": {"a": [1, 2]}},
+        params={"backend": arm.split("=")[1], "torch_version": "2.12.0"},
+        metrics={"output_tok_s": tok_s, "run_seconds": 2.5, "phase_attention_s": 1.0},
+        tags={"device": "cpu"},
+        started_at=1_700_000_000.0 + repeat,
+        finished_at=1_700_000_002.5 + repeat,
+    )
+
+
+def _children(store: tuple[str, str], parent_id: str) -> list[Any]:
+    client = _client(store)
+    experiment = client.get_experiment_by_name("nova-test")
+    return client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
+    )
+
+
+def test_default_uri_follows_installed_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_tracking_uri() == mlflow.get_tracking_uri()
+    assert default_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    # An existing ./mlruns file store keeps being used, by MLflow and by us.
+    (tmp_path / "mlruns" / "0").mkdir(parents=True)
+    (tmp_path / "mlruns" / "0" / "meta.yaml").write_text("name: Default\n")
+    assert default_tracking_uri() == mlflow.get_tracking_uri() == (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert default_tracking_uri() == "http://tracking:5000"
+
+
+def test_parent_run_is_created_once(tracker: Tracker, store: tuple[str, str]) -> None:
+    first = tracker.start_sweep(_sweep("p1"))
+    again = Tracker(store[0], "nova-test").start_sweep(_sweep("p1"))
+    assert first == again
+    client = _client(store)
+    parents = client.search_runs(
+        [tracker._experiment_id], "tags.`nova.sweep_id` = 'p1' and tags.`nova.kind` = 'sweep'"
+    )
+    assert [r.info.run_id for r in parents] == [first]
+    run = parents[0]
+    assert run.info.run_name == "sweep-p1"
+    assert run.data.params["sweep.repeats"] == "3"
+    assert run.data.params["sweep.axes"] == '{"backend": ["native", "x"]}'
+    assert run.data.tags["nova.baseline_arm"] == "backend=native"
+    assert run.data.tags["host"] == "test"
+    assert [a.path for a in client.list_artifacts(first)] == ["experiment.toml"]
+    tracker.finish_sweep("p1")
+    assert client.get_run(first).info.status == "FINISHED"
+
+
+def test_trial_is_logged_once(tracker: Tracker, store: tuple[str, str]) -> None:
+    parent = tracker.start_sweep(_sweep("t1"))
+    record = _record("t1", "backend=native", 0)
+    assert tracker.log_trial(record) is True
+    assert tracker.log_trial(record) is False
+    # A fresh Tracker (a resumed sweep, or `nova-ab import`) finds the child in the store.
+    assert Tracker(store[0], "nova-test").log_trial(record) is False
+
+    children = _children(store, parent)
+    assert len(children) == 1
+    child = children[0]
+    assert child.info.run_name == "backend=native #0"
+    assert child.info.status == "FINISHED"
+    assert child.info.start_time == 1_700_000_000_000 and child.info.end_time == 1_700_000_002_500
+    assert child.data.params == record.params
+    assert child.data.metrics == record.metrics
+    tags = child.data.tags
+    assert tags["nova.trial_id"] == "backend=native#0"
+    assert tags["nova.arm"] == "backend=native"
+    assert tags["nova.status"] == "ok"
+    assert tags["nova.sweep_id"] == "t1"
+    assert tags["nova.repeat"] == "0"
+    assert tags["device"] == "cpu"
+    assert "nova.reason" not in tags
+    config = _client(store).download_artifacts(child.info.run_id, "config.json")
+    assert Path(config).read_text().startswith("{") and '"block_size": 16' in Path(config).read_text()
+
+
+def test_failed_trial_is_marked_failed(tracker: Tracker, store: tuple[str, str]) -> None:
+    parent = tracker.start_sweep(_sweep("f1"))
+    tracker.log_trial(_record("f1", "backend=x", 0, status="timeout"))
+    tracker.log_trial(_record("f1", "backend=x", 1, status="incorrect"))
+    by_trial = {r.data.tags["nova.trial_id"]: r for r in _children(store, parent)}
+    assert by_trial["backend=x#0"].info.status == "FAILED"
+    assert by_trial["backend=x#0"].data.tags["nova.reason"] == "timeout on purpose"
+    # An incorrect trial ran to completion: MLflow says FINISHED, our verdict is in nova.status.
+    assert by_trial["backend=x#1"].info.status == "FINISHED"
+    assert by_trial["backend=x#1"].data.tags["nova.status"] == "incorrect"
+
+
+def test_keys_and_values_are_made_valid(tracker: Tracker, store: tuple[str, str]) -> None:
+    parent = tracker.start_sweep(_sweep("k1"))
+    record = _record("k1", "backend=native", 0)
+    record.params = {"backend_options[heads]": "8", "long": "v" * 7000, "../up": "x"}
+    record.tags = {"what?": "t" * 9000}
+    assert tracker.log_trial(record)
+    (child,) = _children(store, parent)
+    assert child.data.params["backend_options_heads_"] == "8"
+    assert len(child.data.params["long"]) == 6000
+    assert child.data.params["_../up"] == "x"
+    assert len(child.data.tags["what_"]) == 8000
+
+
+def test_interrupted_child_is_replaced(tracker: Tracker, store: tuple[str, str]) -> None:
+    parent = tracker.start_sweep(_sweep("i1"))
+    client = _client(store)
+    # What a crash between create_run and the final nova.trial_id tag leaves behind.
+    client.create_run(tracker._experiment_id, tags={"mlflow.parentRunId": parent, "nova.kind": "trial"})
+    assert Tracker(store[0], "nova-test").log_trial(_record("i1", "backend=native", 0))
+    children = _children(store, parent)
+    assert [r.data.tags.get("nova.trial_id") for r in children] == ["backend=native#0"]
+
+
+def test_import_ledger_twice_adds_nothing(tracker: Tracker, store: tuple[str, str], tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    records = [_record("l1", arm, r) for r in range(3) for arm in ("backend=native", "backend=x")]
+    for record in records:
+        ledger.append(record)
+    tracker.start_sweep(_sweep("l1"))
+    tracker.log_trial(records[0])  # logged live before the store went away
+
+    assert Tracker(store[0], "nova-test").import_ledger(ledger.path) == len(records) - 1
+    assert Tracker(store[0], "nova-test").import_ledger(ledger.path) == 0
+    parent = tracker.start_sweep(_sweep("l1"))
+    trial_ids = sorted(r.data.tags["nova.trial_id"] for r in _children(store, parent))
+    assert trial_ids == sorted(r.trial_id for r in records)
+
+
+def test_import_of_a_sweep_never_logged(tracker: Tracker, store: tuple[str, str], tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.append(_record("n1", "backend=native", 0))
+    with pytest.raises(TrackingError, match="has no parent run"):
+        tracker.import_ledger(ledger.path)
+    assert tracker.import_ledger(ledger.path, sweep=_sweep("n1")) == 1
+    assert tracker.import_ledger(ledger.path) == 0
+    parent = _client(store).get_run(tracker.start_sweep(_sweep("n1")))
+    assert parent.data.params["engine.max_num_seqs"] == "64"
+
+
+def test_load_sweep_reads_records_back(store: tuple[str, str]) -> None:
+    tracker = Tracker(store[0], "nova-load", artifact_location=f"{store[1]}-load")
+    old = [_record("old", "backend=native", 0)]
+    new = [
+        _record("new", arm, r, tok_s=100.0 + r) for r in range(2) for arm in ("backend=native", "backend=x")
+    ]
+    for sweep_id, records in (("old", old), ("new", new)):
+        tracker.start_sweep(_sweep(sweep_id, name=f"name-{sweep_id}"))
+        for record in records:
+            tracker.log_trial(record)
+
+    sweep_id, baseline, loaded = Tracker(store[0], "nova-load").load_sweep()
+    assert (sweep_id, baseline) == ("new", "backend=native")
+    assert loaded == sorted(new, key=lambda r: r.order)
+    assert tracker.load_sweep("old")[2] == old
+    assert tracker.load_sweep("name-old")[2] == old
+    with pytest.raises(TrackingError, match="no sweep 'nope'"):
+        tracker.load_sweep("nope")
+
+
+def test_plot_is_attached_to_the_parent(tracker: Tracker, store: tuple[str, str], tmp_path: Path) -> None:
+    parent = tracker.start_sweep(_sweep("g1"))
+    png = tmp_path / "comparison.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    tracker.log_plot("g1", png)
+    assert "comparison.png" in [a.path for a in _client(store).list_artifacts(parent)]
+
+
+def test_broken_store_raises_one_error_type(tmp_path: Path) -> None:
+    garbage = tmp_path / "mlflow.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(TrackingError) as caught:
+        Tracker(f"sqlite:///{garbage}", "nova-test")
+    assert "\n" not in str(caught.value) and str(garbage) in str(caught.value)
+
+
+def test_unreachable_server_fails_fast() -> None:
+    with socket.socket() as sock:  # a port nobody listens on once it is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="unreachable"):
+        Tracker(f"http://127.0.0.1:{port}", "nova-test")
+    assert time.monotonic() - started < 10
+
+
+def test_missing_parent_raises(tracker: Tracker) -> None:
+    with pytest.raises(TrackingError, match="start_sweep first"):
+        tracker.log_trial(_record("never-started", "backend=native", 0))
