@@ -33,9 +33,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from novainfer.ab.compare import plot, render_table, summarize
+    from novainfer.ab.compare import console, plot, render_table, summarize
     from novainfer.ab.tracking import Tracker, TrackingError
 
     try:
@@ -44,7 +42,7 @@ def _compare(args: argparse.Namespace) -> int:
     except TrackingError as error:
         raise UsageError(str(error)) from error
     summaries = summarize(records, baseline)
-    Console().print(render_table(summaries))
+    console().print(render_table(summaries))
     png = plot(summaries, Path(args.output or f"{sweep_id}.png"), title=sweep_id)
     tracker.log_plot(sweep_id, png)
     print(f"plot: {png} (also logged to the sweep's parent run)")

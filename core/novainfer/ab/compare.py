@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import textwrap
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
@@ -178,6 +180,12 @@ def _median_or_none(values: list[float]) -> float | None:
 
 
 # -- rendering -----------------------------------------------------------------------------------------
+
+
+def console() -> Console:
+    """A console for the comparison: the terminal's width, or a wide one when output is piped to a log,
+    where rich would otherwise assume 80 columns and squeeze the arm labels out."""
+    return Console() if sys.stdout.isatty() else Console(width=180)
 
 
 def render_table(summaries: Sequence[ArmSummary]) -> Table:

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from novainfer.ab.compare import console as comparison_console
 from novainfer.ab.compare import plot, render_table, summarize
 from novainfer.ab.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.experiment import Experiment, ExperimentError, TrialSpec, check_runnable
@@ -82,7 +83,7 @@ def run_sweep(
     console: Console | None = None,
 ) -> int:
     check_runnable(experiment)
-    console = console or Console()
+    console = console or comparison_console()
     root = Path(os.getcwd())
     directory = sweep_dir(experiment, resume, root)
     run_id = directory.name

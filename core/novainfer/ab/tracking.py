@@ -256,10 +256,8 @@ class Tracker:
             if sweep is not None:
                 parents = [r for r in parents if sweep in (r.data.tags.get(TAG_SWEEP_ID), r.info.run_name)]
             if not parents:
-                what = f"sweep {sweep!r}" if sweep is not None else "any sweep"
-                raise TrackingError(
-                    f"MLflow at {self.uri}: experiment {self.experiment_name!r} has no {what}"
-                )
+                what = f"no sweep {sweep!r}" if sweep is not None else "no sweeps"
+                raise TrackingError(f"MLflow at {self.uri}: experiment {self.experiment_name!r} has {what}")
             parent = parents[0]
             children = [r for r in self._children(parent.info.run_id) if TAG_TRIAL_ID in r.data.tags]
             with tempfile.TemporaryDirectory(prefix="nova-ab-") as tmp, _no_progress_bars():

@@ -1,0 +1,196 @@
+"""`nova-ab sweep` end to end: real trial subprocesses, a real MLflow store in a temp dir, real plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.toml"
+TRIAL_METRICS = {
+    "output_tok_s", "total_tok_s", "run_seconds", "prefill_tokens", "decode_tokens", "expected_tokens",
+    "actual_tokens", "phase_metadata_s", "phase_kv_write_s", "phase_attention_s", "num_steps",
+    "peak_memory_bytes", "timed_cuda_mallocs", "max_rel_err",
+}
+TRIAL_TAGS = {"nova.status", "device_name", "driver", "torch_version", "cuda_version", "git_commit", "host"}
+
+
+@pytest.fixture(scope="module")
+def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test-only faulty plugin, installed with pip into its own directory."""
+    target = tmp_path_factory.mktemp("faulty-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(ROOT / "tests" / "plugins" / "faulty")],
+        check=True, capture_output=True,
+    )
+    return target
+
+
+def nova_ab(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "novainfer.ab.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})},
+    )
+
+
+def client(cwd: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def runs(cwd: Path, experiment: str) -> tuple[list, list]:
+    mlflow = client(cwd)
+    exp = mlflow.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    all_runs = mlflow.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in all_runs if r.data.tags.get("nova.kind") == "sweep"]
+    children = [r for r in all_runs if r.data.tags.get("nova.kind") == "trial"]
+    return parents, children
+
+
+def ledger_records(cwd: Path) -> list[dict]:
+    (ledger,) = cwd.glob(".nova-ab/*/ledger.jsonl")
+    return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+
+
+def write_experiment(path: Path, backends: list[str], repeats: int, timeout_s: float, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[workload]
+num_seqs = 4
+input_len = [8, 24]
+output_len = [4, 12]
+
+[engine]
+model = "random:qwen2-tiny"
+device = "cpu"
+max_model_len = 64
+kv_cache_capacity = 512
+
+[sweep]
+repeats = {repeats}
+trial_timeout_s = {timeout_s}
+warmup_seqs = 1
+axes = {{ backend = {json.dumps(backends)} }}
+
+[sweep.correctness]
+num_seqs = 2
+prompt_len = 16
+decode_steps = 4
+{extra}
+"""
+    )
+    return path
+
+
+def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = nova_ab(tmp_path, "sweep", str(SMOKE))
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert elapsed < 120, f"the smoke sweep took {elapsed:.0f} s on this machine"
+    assert "max_num_batched_tokens=64" in result.stdout and "max_num_batched_tokens=512" in result.stdout
+    parents, children = runs(tmp_path, "nova-ab")
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    for child in children:
+        assert set(child.data.metrics) >= TRIAL_METRICS, TRIAL_METRICS - set(child.data.metrics)
+        assert set(child.data.tags) >= TRIAL_TAGS, TRIAL_TAGS - set(child.data.tags)
+        assert child.data.tags["nova.status"] == "ok"
+        assert child.data.metrics["actual_tokens"] == child.data.metrics["expected_tokens"] > 0
+        assert child.data.metrics["max_rel_err"] <= 1e-2
+        assert child.data.params["backend"] == "native"
+        assert child.data.params["plugin"] == "novainfer-plugin-native"
+        assert "engine.max_num_batched_tokens" in child.data.params
+    # Interleaved: the two arms alternate.
+    order = sorted(children, key=lambda c: int(c.data.tags["nova.order"]))
+    arms = [c.data.tags["nova.arm"] for c in order]
+    assert arms[0] != arms[1] and arms[:2] == arms[2:]
+    artifacts = {a.path for a in client(tmp_path).list_artifacts(children[0].info.run_id)}
+    assert "config.json" in artifacts
+
+    compared = nova_ab(tmp_path, "compare")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    png = next(tmp_path.glob("*.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "max_num_batched_tokens=512" in compared.stdout
+
+
+def test_faulty_backends_are_recorded_and_the_sweep_goes_on(tmp_path: Path, faulty_site: Path) -> None:
+    exp = write_experiment(tmp_path / "faults.toml", ["native", "raises", "wrong", "hangs"], 1, 25)
+    result = nova_ab(tmp_path, "sweep", str(exp), env={"PYTHONPATH": str(faulty_site)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = {r["arm"]: r for r in ledger_records(tmp_path)}
+    assert status["backend=native"]["status"] == "ok"
+    assert status["backend=raises"]["status"] == "failed"
+    assert "injected attention failure" in status["backend=raises"]["reason"]
+    assert status["backend=wrong"]["status"] == "incorrect"
+    assert status["backend=hangs"]["status"] == "timeout"
+    _, children = runs(tmp_path, "nova-ab")
+    assert sorted(c.data.tags["nova.status"] for c in children) == ["failed", "incorrect", "ok", "timeout"]
+
+
+def test_sigkilled_sweep_is_finished_by_resume_with_one_child_per_trial(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "resume.toml", ["native"], 4, 120, extra="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp)], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ledgers = list(tmp_path.glob(".nova-ab/*/ledger.jsonl"))
+        if ledgers and ledgers[0].read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = ledger_records(tmp_path)
+    assert 1 <= len(before) < 4, "the kill should land midway"
+    resumed = nova_ab(tmp_path, "sweep", str(exp), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{4 - len(before)} of 4 trials to run" in resumed.stdout
+    after = ledger_records(tmp_path)
+    assert sorted(r["trial_id"] for r in after) == [f"backend=native#{i}" for i in range(4)]
+    parents, children = runs(tmp_path, "nova-ab")
+    assert len(parents) == 1
+    assert sorted(c.data.tags["nova.trial_id"] for c in children) == [f"backend=native#{i}" for i in range(4)]
+
+
+def test_unreachable_mlflow_keeps_the_ledger_and_import_logs_it_once(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "offline.toml", ["native"], 2, 120)
+    result = nova_ab(tmp_path, "sweep", str(exp), "--tracking-uri", "http://127.0.0.1:9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nova-ab import" in result.stdout
+    (ledger,) = tmp_path.glob(".nova-ab/*/ledger.jsonl")
+    assert len(ledger_records(tmp_path)) == 2
+    first = nova_ab(tmp_path, "import", str(ledger))
+    second = nova_ab(tmp_path, "import", str(ledger))
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "logged 2 new" in first.stdout and "logged 0 new" in second.stdout
+    parents, children = runs(tmp_path, "nova-ab")
+    assert len(parents) == 1 and len(children) == 2
+
+
+def test_backends_lists_installed_plugins_and_why_not(tmp_path: Path, faulty_site: Path) -> None:
+    result = nova_ab(tmp_path, "backends", env={"PYTHONPATH": str(faulty_site), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "native" in result.stdout and "novainfer-plugin-native" in result.stdout
+    assert "novainfer-plugin-faulty" in result.stdout and "raises" in result.stdout
+
+
+def test_import_of_a_missing_ledger_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = nova_ab(tmp_path, "import", "nope.jsonl")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "nova-ab: nope.jsonl: no such ledger file"
