@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU under Triton's interpreter, which is chosen when kernels are
+# decorated: it must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter
+
+    _patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor_index(tensor: type, scope: interpreter._LangPatchScope) -> None:
+        # triton 3.6's interpreter turns a scalar into an int with int(array) on the 1-element array
+        # it holds, which numpy >= 2.4 refuses, so loops bounded by a loaded value fail
+        # (triton-lang/triton#9171, fixed upstream after 3.6). Squeezing to 0-d first works on any numpy.
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor_index
 
 
 def write_qwen2_checkpoint(

@@ -281,7 +281,7 @@ def test_kv_layout_is_the_bench_kv_layout_caliber() -> None:
     experiment = load_experiment(EXPERIMENTS / "kv_layout.toml")
     assert experiment.workload == Workload(8, (16, 128), (16, 64), 0)
     config = experiment.baseline.config
-    assert experiment.baseline.params == {"backend": "native"}
+    assert experiment.baseline.params == {"backend": "native", "cuda_graphs": False}
     assert (config.max_model_len, config.max_num_seqs, config.max_num_batched_tokens) == (2048, 8, 1024)
     assert (config.block_size, config.device, config.dtype) == (16, "cuda", "bfloat16")
     assert config.model == "random:deepseek-r1-distill-qwen-1.5b"

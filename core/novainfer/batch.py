@@ -28,6 +28,8 @@ class StepBatch:
     num_decodes:     how many of the B sequences are decodes; they hold the first num_decodes tokens.
     max_query_len, max_seq_len: maxima over the batch, as host ints.
     block_size:      tokens per block.
+    cuda_graph:      True for a decode batch padded to a CUDA-graph bucket (rows past the real ones
+                     read and write the scratch block); its tensors are the same storage every step.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +45,7 @@ class StepBatch:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    cuda_graph: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -13,11 +13,18 @@ import torch
 
 from novainfer.block_manager import BlockManager
 from novainfer.config import EngineConfig
+from novainfer.cuda_graphs import DecodeGraphs
 from novainfer.kv_cache import allocate_kv_caches, num_kv_blocks
 from novainfer.model_runner import ModelRunner
 from novainfer.models.presets import RANDOM_PREFIX
 from novainfer.models.qwen2 import Qwen2ForCausalLM, build_model
-from novainfer.plugins import AttentionContext, RegisteredBackend, engine_plugin_manager, select_backend
+from novainfer.plugins import (
+    AttentionContext,
+    RegisteredBackend,
+    engine_plugin_manager,
+    resolve_hook,
+    select_backend,
+)
 from novainfer.scheduler import Scheduler
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -103,8 +110,24 @@ class LLM:
             self.model, self.kv_caches, self.block_manager, self.pm, cfg.max_num_seqs,
             cfg.max_num_batched_tokens, cfg.max_model_len, self.device,
         )
+        self.graph_mode = self._setup_cuda_graphs()
         self.tokenizer = _load_tokenizer(cfg.model)
         self.step_stats: list[StepStats] = []
+
+    def _setup_cuda_graphs(self) -> str:
+        """Capture decode graphs when asked and possible; returns the mode used, recorded with runs."""
+        if not self.config.cuda_graphs:
+            return "eager"
+        if self.device.type != "cuda":
+            return "eager (CUDA graphs need a CUDA device)"
+        if not self.backend.spec.capabilities.cuda_graphs:
+            return f"eager ({self.backend.name} does not support CUDA graphs)"
+        reason = self.pm.hook.cuda_graph_unsupported()
+        if reason:
+            return f"eager ({reason})"
+        hooks = (resolve_hook(self.pm, "write_kv", observed=False), resolve_hook(self.pm, "attention", observed=False))
+        self.runner.graphs = DecodeGraphs(self.runner, hooks, capture=True)
+        return "cuda_graphs"
 
     def add_request(self, prompt: list[int] | str, params: SamplingParams) -> Sequence:
         if isinstance(prompt, str):

@@ -102,6 +102,20 @@ def attention(
     """
 
 
+@hookspec(firstresult=True)
+def cuda_graph_unsupported() -> str | None:
+    """Say why this backend cannot run its decode forward inside a CUDA graph, or nothing.
+
+    Called once at engine start, when the engine is set to use CUDA graphs and the backend's
+    capabilities declare ``cuda_graphs``. Stops at the first non-None result. A backend that can
+    be captured returns None (or leaves the hook out); it must then, for a batch whose
+    ``cuda_graph`` flag is set, return metadata whose device tensors keep the same storage on every
+    call for that batch size, since the graph replays the kernels captured against them.
+
+    :returns: a one-line reason ("needs host-side shapes per step"), or None.
+    """
+
+
 @hookspec
 def backend_counters() -> dict[str, int]:
     """Report the backend's cumulative event counts (graph builds, JIT compiles, ...).

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pluggy
 import torch
 
 from novainfer.batch import StepBatch
 from novainfer.block_manager import BlockManager
+from novainfer.cuda_graphs import DecodeGraphs, HookCallers
 from novainfer.models.qwen2 import Qwen2ForCausalLM, StepContext
 from novainfer.plugins import resolve_hook
 from novainfer.sampler import sample
@@ -75,14 +78,19 @@ class ModelRunner:
         self.prepare_metadata = resolve_hook(pm, "prepare_attention_metadata")
         self.write_kv = resolve_hook(pm, "write_kv")
         self.attention = resolve_hook(pm, "attention")
+        self.graphs: DecodeGraphs | None = None  # set by the engine when decode runs in CUDA graphs
 
-    def prepare(self, out: SchedulerOutput) -> StepBatch:
-        """Fill the step buffers from the scheduled sequences and upload them."""
+    def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> StepBatch:
+        """Fill the step buffers from the scheduled sequences and upload them.
+
+        With `pad_to` (a decode-only step and a CUDA-graph bucket size), rows past the real ones
+        become dummy decodes of length 1 that read and write the scratch block.
+        """
         buf = self.buffers
         entries = out.entries
-        num_seqs = len(entries)
-        num_tokens = out.num_tokens
-        num_logits = sum(e.samples for e in entries)
+        num_seqs = pad_to or len(entries)
+        num_tokens = pad_to or out.num_tokens
+        num_logits = pad_to or sum(e.samples for e in entries)
         ids, positions, slots, logits_idx = buf.views64(buf.np64, num_tokens, num_logits)
         query_start, seq_lens, tables = buf.views32(buf.np32, num_seqs)
         tables[:] = 0
@@ -110,6 +118,12 @@ class ModelRunner:
             if entry.samples:
                 logits_idx[j] = t - 1
                 j += 1
+        if pad_to is not None:
+            pad = slice(len(entries), pad_to)
+            ids[pad] = positions[pad] = slots[pad] = 0
+            seq_lens[pad] = 1
+            query_start[len(entries) + 1 : pad_to + 1] = np.arange(len(entries) + 1, pad_to + 1)
+            logits_idx[:] = np.arange(pad_to)
         buf.upload()
         d_ids, d_pos, d_slots, d_logits = buf.views64(buf.dev64, num_tokens, num_logits)
         d_qsl, d_lens, d_tables = buf.views32(buf.dev32, num_seqs)
@@ -119,16 +133,25 @@ class ModelRunner:
             seq_lens=d_lens, block_tables=d_tables, query_start_loc_cpu=h_qsl, seq_lens_cpu=h_lens,
             logits_indices=d_logits, num_decodes=out.num_decodes,
             max_query_len=max(e.num_new_tokens for e in entries),
-            max_seq_len=int(seq_lens.max()), block_size=bs,
+            max_seq_len=int(seq_lens.max()), block_size=bs, cuda_graph=pad_to is not None,
         )
+
+    def forward(self, batch: StepBatch, metadata: Any, hooks: HookCallers | None = None) -> torch.Tensor:
+        """Logits [len(logits_indices), vocab] of one prepared step."""
+        write_kv, attention = hooks or (self.write_kv, self.attention)
+        step = StepContext(metadata, batch.slot_mapping, self.kv_caches, write_kv, attention)
+        hidden = self.model(batch.input_ids, batch.positions, step)
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], torch.Tensor]:
         """Run one step: the sequences that sampled, their new tokens, and their logits [S, vocab]."""
-        batch = self.prepare(out)
-        metadata = self.prepare_metadata(batch=batch)
-        step = StepContext(metadata, batch.slot_mapping, self.kv_caches, self.write_kv, self.attention)
-        hidden = self.model(batch.input_ids, batch.positions, step)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        bucket = self.graphs.bucket_for(out) if self.graphs is not None else None
+        if bucket is not None:
+            batch = self.prepare(out, pad_to=bucket)
+            logits = self.graphs.run(batch)[: len(out.entries)]
+        else:
+            batch = self.prepare(out)
+            logits = self.forward(batch, self.prepare_metadata(batch=batch))
         sampling = [e.seq for e in out.entries if e.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return sampling, tokens.tolist(), logits

@@ -185,18 +185,24 @@ def engine_plugin_manager(backend: object, observers: Sequence[object] = ()) -> 
     return pm
 
 
-def resolve_hook(pm: pluggy.PluginManager, name: str) -> Callable[..., Any]:
+def resolve_hook(pm: pluggy.PluginManager, name: str, observed: bool = True) -> Callable[..., Any]:
     """A callable for a firstresult hook, resolved once so per-layer calls skip pluggy's dispatch.
 
-    With hook wrappers registered (observers) the full pluggy call is kept so they see every call;
-    otherwise the implementations are called directly, in pluggy's order, until one answers.
+    With hook wrappers registered (observers) and `observed`, the full pluggy call is kept so they
+    see every call; otherwise the plain implementations are called directly, in pluggy's order,
+    until one answers.
     """
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
-    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+    is_wrapper = [impl.hookwrapper or impl.wrapper for impl in impls]
+    if observed and any(is_wrapper):
         return caller
     # An implementation may take a subset of the hook's arguments, as pluggy allows.
-    ordered = [(impl.function, impl.argnames) for impl in reversed(impls)]
+    ordered = [
+        (impl.function, impl.argnames)
+        for impl, wraps in zip(reversed(impls), reversed(is_wrapper))
+        if not wraps
+    ]
 
     def first_result(**kwargs: Any) -> Any:
         for function, argnames in ordered:

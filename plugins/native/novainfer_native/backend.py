@@ -1,19 +1,25 @@
-"""Attention over the paged cache in plain PyTorch: gather each sequence's K/V, then masked SDPA.
+"""The native backend: Triton kernels on CUDA, and a plain-PyTorch path that is the reference.
 
-Decodes and prefill chunks are padded separately (one query row per decode; up to the longest
-chunk for prefills), so a mixed batch does not pad every decode to the longest chunk.
+Option `kernels`: "auto" (Triton on CUDA when triton is installed, else PyTorch), "triton" or
+"torch". The PyTorch path gathers each sequence's K/V, then runs masked SDPA; decodes and prefill
+chunks are padded separately, so a mixed batch does not pad every decode to the longest chunk.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from novainfer.batch import StepBatch
 from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext
+from novainfer.plugins import AttentionContext, BackendError
+
+KERNELS = ("auto", "triton", "torch")
+OPTIONS = ("kernels",)
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,17 @@ class PaddedGroup:
 
 
 @dataclass(frozen=True)
-class NativeMetadata:
+class TorchMetadata:
     decodes: PaddedGroup | None
     prefills: PaddedGroup | None
+
+
+@dataclass(frozen=True)
+class TritonMetadata:
+    batch: StepBatch
+    num_splits: int  # context splits of the decode launch (decodes are rows :num_decodes)
+    prefill_query_start: torch.Tensor | None  # query_start_loc[num_decodes:]; None without prefills
+    prefill_max_query_len: int
 
 
 def padded_group(batch: StepBatch, first: int, last: int, max_q: int) -> PaddedGroup | None:
@@ -62,26 +76,95 @@ def padded_group(batch: StepBatch, first: int, last: int, max_q: int) -> PaddedG
     return PaddedGroup(slots, mask.unsqueeze(1), token_rows, valid)
 
 
+def resolve_kernels(options: dict[str, Any], device: torch.device) -> str:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise BackendError(f"native: unknown backend option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    kernels = options.get("kernels", "auto")
+    if kernels not in KERNELS:
+        raise BackendError(f"native: kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if kernels == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if kernels == "triton" and not has_triton:
+        raise BackendError("native: kernels='triton' but triton is not installed")
+    return kernels
+
+
 class NativeBackend:
     def __init__(self, context: AttentionContext) -> None:
         self.context = context
+        self.kernels = resolve_kernels(context.options, context.device)
+        if self.kernels == "triton":
+            from novainfer_native import triton_ops
+
+            self.ops = triton_ops
+            self.max_splits = 16
+            self.workspace = triton_ops.decode_workspace(
+                context.max_num_seqs, context.num_q_heads, context.head_dim, self.max_splits, context.device
+            )
+            self.num_sms = (
+                torch.cuda.get_device_properties(context.device).multi_processor_count
+                if context.device.type == "cuda"
+                else 1
+            )
 
     @hookimpl
-    def prepare_attention_metadata(self, batch: StepBatch) -> NativeMetadata:
+    def cuda_graph_unsupported(self) -> str | None:
+        if self.kernels == "torch":
+            return "native with kernels='torch' sizes its tensors from host values each step"
+        return None
+
+    @hookimpl
+    def prepare_attention_metadata(self, batch: StepBatch) -> TorchMetadata | TritonMetadata:
+        if self.kernels == "triton":
+            return self._triton_metadata(batch)
         nd = batch.num_decodes
-        max_prefill_q = int((batch.query_start_loc_cpu[nd + 1 :] - batch.query_start_loc_cpu[nd:-1]).max()) if (
-            batch.num_prefills
-        ) else 0
-        return NativeMetadata(
+        max_prefill_q = 0
+        if batch.num_prefills:
+            max_prefill_q = int((batch.query_start_loc_cpu[nd + 1 :] - batch.query_start_loc_cpu[nd:-1]).max())
+        return TorchMetadata(
             decodes=padded_group(batch, 0, nd, 1),
             prefills=padded_group(batch, nd, batch.num_seqs, max_prefill_q),
         )
 
+    def _triton_metadata(self, batch: StepBatch) -> TritonMetadata:
+        nd = batch.num_decodes
+        # A captured graph must serve any context length, so it plans for the longest possible.
+        longest = self.context.max_model_len if batch.cuda_graph else batch.max_seq_len
+        splits = self.ops.choose_num_splits(nd, self.context.num_kv_heads, self.num_sms, longest, self.max_splits)
+        if not batch.num_prefills:
+            return TritonMetadata(batch, splits, None, 0)
+        # The prefill kernel reads absolute query rows from query_start_loc, so the prefill
+        # sequences' slice of it addresses their rows in the full query tensor.
+        lengths = batch.query_start_loc_cpu[nd + 1 :] - batch.query_start_loc_cpu[nd:-1]
+        return TritonMetadata(batch, splits, batch.query_start_loc[nd:], int(lengths.max()))
+
     @hookimpl
-    def attention(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: NativeMetadata, scale: float
-    ) -> torch.Tensor:
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> bool | None:
+        if self.kernels == "torch":
+            return None  # the core's indexed scatter
+        self.ops.write_kv(key, value, kv_cache, slot_mapping)
+        return True
+
+    @hookimpl
+    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
         out = torch.empty_like(query)
+        if isinstance(metadata, TritonMetadata):
+            b, nd = metadata.batch, metadata.batch.num_decodes
+            if nd:
+                self.ops.paged_decode_attention(
+                    query[:nd], kv_cache, b.block_tables, b.seq_lens, scale, out[:nd],
+                    workspace=self.workspace, num_splits=metadata.num_splits,
+                )
+            if metadata.prefill_query_start is not None:
+                self.ops.paged_prefill_attention(
+                    query, kv_cache, b.block_tables[nd:], metadata.prefill_query_start, b.seq_lens[nd:],
+                    metadata.prefill_max_query_len, scale, out,
+                )
+            return out
         for group in (metadata.decodes, metadata.prefills):
             if group is not None:
                 _attend(query, kv_cache, group, scale, out)
