@@ -79,11 +79,13 @@ def test_in_process_plugin_is_found_and_hooks_run_once_per_step_and_per_layer() 
     plugin = InProcessPlugin()
     assert {"native", "counting"} <= set(discover_backends([plugin]))
     llm = LLM("random:qwen2-tiny", backend="counting", plugins=[plugin], **TINY)
-    llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, ignore_eos=True))
     backend = plugin.instances[-1]
+    layers = llm.model_config.num_hidden_layers
+    assert backend.calls == {"metadata": 1, "attention": layers}  # the engine's warm-up step
+    llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, ignore_eos=True))
     steps = len(llm.step_stats)
-    assert backend.calls["metadata"] == steps
-    assert backend.calls["attention"] == steps * llm.model_config.num_hidden_layers
+    assert backend.calls["metadata"] == steps + 1
+    assert backend.calls["attention"] == (steps + 1) * layers
 
 
 def test_unknown_and_unavailable_backends_fail_with_the_available_list() -> None:
@@ -114,6 +116,7 @@ def test_every_hook_is_documented() -> None:
 def test_phase_timer_sees_every_phase() -> None:
     timer = PhaseTimer(torch.device("cpu"))
     llm = LLM("random:qwen2-tiny", backend="native", observers=[timer], **TINY)
+    timer.reset()  # forget the engine's warm-up step
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, ignore_eos=True))
     seconds = timer.seconds()
     layers = llm.model_config.num_hidden_layers

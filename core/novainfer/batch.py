@@ -21,15 +21,17 @@ class StepBatch:
     seq_lens:        [B] int32, device; tokens in the cache for each sequence once this step's are
                      written (the cached prefix plus this step's query tokens).
     block_tables:    [B, max_blocks_per_seq] int32, device; each row's unused tail is 0 (scratch block).
-    query_start_loc_cpu, seq_lens_cpu: the same values on the host, so a backend can plan without
-                     a device-to-host copy.
+    query_start_loc_cpu, seq_lens_cpu, block_tables_cpu: the same values on the host (pinned), so a
+                     backend can plan without a device-to-host copy.
     logits_indices:  [S] int64, device; the rows whose next-token logits are sampled (the last
                      token of each sequence whose tokens this step completes).
     num_decodes:     how many of the B sequences are decodes; they hold the first num_decodes tokens.
     max_query_len, max_seq_len: maxima over the batch, as host ints.
     block_size:      tokens per block.
-    cuda_graph:      True for a decode batch padded to a CUDA-graph bucket (rows past the real ones
-                     read and write the scratch block); its tensors are the same storage every step.
+    cuda_graph:      True for a decode batch padded to a CUDA-graph bucket; its tensors are the same
+                     storage every step. Rows past the real ones are dummy decodes (query length 1,
+                     seq_len 1) that read and write the scratch block; num_decodes counts only the
+                     real ones, so a backend treats every row of such a batch as a decode.
     """
 
     input_ids: torch.Tensor
@@ -40,6 +42,7 @@ class StepBatch:
     block_tables: torch.Tensor
     query_start_loc_cpu: torch.Tensor
     seq_lens_cpu: torch.Tensor
+    block_tables_cpu: torch.Tensor
     logits_indices: torch.Tensor
     num_decodes: int
     max_query_len: int

@@ -30,6 +30,9 @@ class EngineConfig:
     backend: the attention backend's name, as a plugin registers it (`nova-ab backends` lists them).
     backend_options: backend-specific settings, passed through to the backend unchanged.
     dtype: weight and activation dtype; "auto" is bfloat16 on CUDA and float32 on CPU.
+    kv_cache_dtype: the KV cache's dtype, which is also the dtype attention runs in (the backend
+        gets queries, keys and values cast to it); "auto" follows `dtype`. A float32 model over a
+        bfloat16 cache checks a bfloat16 backend with no other rounding in the way.
     device: "auto" picks CUDA when present.
     seed: the random-weight seed (ignored for checkpoints).
     block_size: tokens per KV-cache block.
@@ -45,6 +48,7 @@ class EngineConfig:
     backend: str = "native"
     backend_options: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     block_size: int = 16
@@ -56,8 +60,9 @@ class EngineConfig:
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(name, f"must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.device not in DEVICES:
             raise ConfigError("device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):

@@ -28,8 +28,10 @@ def activation_bytes(model: Qwen2Config, config: EngineConfig, dtype: torch.dtyp
     return config.max_num_batched_tokens * width * element + 3 * config.max_num_seqs * model.vocab_size * 4
 
 
-def num_kv_blocks(config: EngineConfig, model: Qwen2Config, device: torch.device, dtype: torch.dtype) -> int:
-    """Blocks to allocate, counting the scratch block.
+def num_kv_blocks(
+    config: EngineConfig, model: Qwen2Config, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype
+) -> int:
+    """Blocks to allocate, counting the scratch block (`dtype` is the model's, `kv_dtype` the cache's).
 
     A given capacity (tokens) is honoured exactly. "auto" takes what every running sequence could
     need at full length, or what the memory budget allows if that is less.
@@ -43,7 +45,7 @@ def num_kv_blocks(config: EngineConfig, model: Qwen2Config, device: torch.device
         budget -= activation_bytes(model, config, dtype) + _CUDA_HEADROOM_BYTES
     else:
         budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _CPU_MEMORY_SHARE
-    affordable = int(budget // block_bytes(model, config.block_size, dtype))
+    affordable = int(budget // block_bytes(model, config.block_size, kv_dtype))
     if affordable < 2:
         raise RuntimeError(
             f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "

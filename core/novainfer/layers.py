@@ -1,24 +1,31 @@
-"""The building blocks of a Qwen2 layer, in plain PyTorch."""
+"""The building blocks of a Qwen2 layer: PyTorch modules over the fused ops (Triton on CUDA)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from novainfer.fused_ops import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul
+
+__all__ = ["FusedLinear", "RMSNorm", "RotaryEmbedding", "silu_and_mul"]
 
 
 class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm (normalise in float32, scale in the input dtype), optionally fused with the
+    residual add before it."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, as Qwen2's reference implementation does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); or, given the residual stream, (norm(x + residual), x + residual) as vLLM's RMSNorm."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class FusedLinear(nn.Linear):
@@ -47,17 +54,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each x of shape [T, heads, head_dim] by its token's position."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        out = []
-        for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype))
-        return tuple(out)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, Hq, head_dim] and k [T, Hkv, head_dim] by their tokens' positions.
 
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        May rotate in place (see fused_ops.apply_rotary): use the returned tensors.
+        """
+        return apply_rotary(positions, q, k, self.cos, self.sin)

@@ -14,8 +14,8 @@ from novainfer.cuda_graphs import DecodeGraphs, HookCallers
 from novainfer.models.qwen2 import Qwen2ForCausalLM, StepContext
 from novainfer.plugins import resolve_hook
 from novainfer.sampler import sample
-from novainfer.scheduler import SchedulerOutput
-from novainfer.sequence import Sequence
+from novainfer.scheduler import ScheduledSeq, SchedulerOutput
+from novainfer.sequence import SamplingParams, Sequence
 
 
 class StepBuffers:
@@ -127,10 +127,11 @@ class ModelRunner:
         buf.upload()
         d_ids, d_pos, d_slots, d_logits = buf.views64(buf.dev64, num_tokens, num_logits)
         d_qsl, d_lens, d_tables = buf.views32(buf.dev32, num_seqs)
-        h_qsl, h_lens, _ = buf.views32(buf.host32, num_seqs)
+        h_qsl, h_lens, h_tables = buf.views32(buf.host32, num_seqs)
         return StepBatch(
             input_ids=d_ids, positions=d_pos, slot_mapping=d_slots, query_start_loc=d_qsl,
             seq_lens=d_lens, block_tables=d_tables, query_start_loc_cpu=h_qsl, seq_lens_cpu=h_lens,
+            block_tables_cpu=h_tables,
             logits_indices=d_logits, num_decodes=out.num_decodes,
             max_query_len=max(e.num_new_tokens for e in entries),
             max_seq_len=int(seq_lens.max()), block_size=bs, cuda_graph=pad_to is not None,
@@ -142,6 +143,26 @@ class ModelRunner:
         step = StepContext(metadata, batch.slot_mapping, self.kv_caches, write_kv, attention)
         hidden = self.model(batch.input_ids, batch.positions, step)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def warm_up(self, max_model_len: int) -> None:
+        """Run one dummy step at the largest shape the limits allow, before serving.
+
+        Like vLLM's profile run: the caching allocator reaches its peak here, so no step of the run
+        asks the device for memory, and every kernel the eager path can need (decodes mixed with
+        prefill chunks, the widest token count, all sequences sampling) is loaded or compiled here
+        rather than inside a timed window. The dummy sequences live in the scratch block.
+        """
+        buf = self.buffers
+        num_prefills = min(buf.max_seqs, -(-buf.max_tokens // max_model_len))
+        num_decodes = min(buf.max_seqs - num_prefills, buf.max_tokens - num_prefills)
+        prefill_tokens = buf.max_tokens - num_decodes
+        entries = [ScheduledSeq(_scratch_sequence(1, self.block_size), 1) for _ in range(num_decodes)]
+        for i in range(num_prefills):
+            n = prefill_tokens // num_prefills + (i < prefill_tokens % num_prefills)
+            entries.append(ScheduledSeq(_scratch_sequence(n, self.block_size), n))
+        self.execute(SchedulerOutput(entries=entries, num_decodes=num_decodes))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], torch.Tensor]:
         """Run one step: the sequences that sampled, their new tokens, and their logits [S, vocab]."""
@@ -155,3 +176,10 @@ class ModelRunner:
         sampling = [e.seq for e in out.entries if e.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return sampling, tokens.tolist(), logits
+
+
+def _scratch_sequence(num_tokens: int, block_size: int) -> Sequence:
+    """A dummy prompt of `num_tokens` zeros whose every block is the scratch block."""
+    seq = Sequence([0] * num_tokens, SamplingParams())
+    seq.block_table = [0] * -(-num_tokens // block_size)
+    return seq

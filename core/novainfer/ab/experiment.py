@@ -9,8 +9,15 @@ A file has four tables (unknown keys are rejected everywhere, so a typo never si
                 repeats = 3, order = "interleaved" | "blocked", baseline = {axis = value, ...} (default: the
                 first arm), trial_timeout_s = 1800, warmup_seqs (default min(num_seqs, 8)),
                 [sweep.correctness] enabled = true, num_seqs = 4, prompt_len = 64, decode_steps = 16,
-                max_rel_err = 1e-2
+                max_rel_err = 1e-2,
+                [[sweep.peers]] peer = "vllm" | "transformers", then any EngineConfig field but backend and
+                backend_options (overrides of [engine] for this arm), then the peer's own settings
+                (novainfer.ab.peers; transformers: attn_implementation = "sdpa")
     [mlflow]    experiment = "nova-ab", tracking_uri (optional; None lets the tracker pick its default store)
+
+The axes' cartesian product gives our engine's arms; each [[sweep.peers]] entry adds one arm that runs another
+engine on the same workload, labelled by what the entry says ("peer=vllm", "peer=transformers,cuda_graphs=false"),
+not crossed with the axes. A baseline may name a peer: baseline = { peer = "vllm" }.
 
 Every problem is reported as one `ExperimentError` line, `<file>: <field>: <problem>`, the field a dotted path
 into the file (`workload.input_len`, `sweep.axes.block_size`), so the CLI can print it and exit 2.
@@ -34,6 +41,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
+from novainfer.ab.peers import PEERS
 from novainfer.ab.workload import MAX_TOKEN_ID, Workload
 from novainfer.config import ConfigError, EngineConfig
 from novainfer.models.presets import PRESETS, RANDOM_PREFIX
@@ -116,6 +124,9 @@ class SweepTable(_Table):
     warmup_seqs: the workload's first warmup_seqs requests are generated once, untimed, in the trial's engine
     before the timed run (kernel compilation, graph capture, allocator growth); None means
     min(num_seqs, 8) and is resolved on load.
+    peers: one table per peer arm, as written; each is validated against its peer's own schema on load
+        (`_peer_arms`: which schema applies depends on its `peer` value) and replaced by its resolved form,
+        the peer's defaults filled in.
     """
 
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
@@ -125,6 +136,7 @@ class SweepTable(_Table):
     trial_timeout_s: float = Field(1800.0, gt=0)
     warmup_seqs: int | None = Field(None, ge=0)
     correctness: CorrectnessTable = CorrectnessTable()
+    peers: list[dict[str, Any]] = []
 
 
 class MlflowTable(_Table):
@@ -164,23 +176,42 @@ def _engine_field_adapter(name: str) -> TypeAdapter[Any]:
     return TypeAdapter(get_type_hints(EngineConfig)[name], config=ConfigDict(strict=True))
 
 
+# A peer runs its own attention, so our backend settings mean nothing to it.
+PEER_ENGINE_FIELDS = tuple(f for f in ENGINE_FIELDS if f not in ("backend", "backend_options"))
+
+
+@cache
+def _peer_table(name: str) -> type[BaseModel]:
+    """One [[sweep.peers]] entry of peer `name`: its own settings plus optional [engine] overrides."""
+    hints = get_type_hints(EngineConfig)
+    overrides: dict[str, Any] = {f: (hints[f] | None, None) for f in PEER_ENGINE_FIELDS}
+    return create_model(
+        f"{name}PeerTable", __base__=PEERS[name].options, peer=(Literal[name], ...), **overrides
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The validated experiment.
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One combination of axis values.
+    """One arm: a combination of axis values, or one [[sweep.peers]] entry.
 
-    label: "axis=value,..." in axis order, e.g. "backend=native,block_size=16" (trial ids and MLflow use it).
-    params: the axis values, e.g. {"backend": "native", "block_size": 16}.
-    config: the [engine] table with the axis values applied, validated; a relative model path is resolved
-        against the experiment file's directory.
+    label: "axis=value,..." in axis order, e.g. "backend=native,block_size=16" (trial ids and MLflow use it);
+        a peer's is "peer=<name>" then its entry's other keys in file order.
+    params: the axis values, e.g. {"backend": "native", "block_size": 16}; a peer's: its entry as written.
+    config: the [engine] table with the axis values (a peer: its overrides) applied, validated; a relative model
+        path is resolved against the experiment file's directory.
+    peer: None for our engine; for a peer arm, {"peer": name, **its own settings with defaults}.
+    source: where the arm's own values are in the file ("sweep.axes", "sweep.peers[0]"), for error messages.
     """
 
     label: str
     params: dict[str, Any]
     config: EngineConfig
+    peer: dict[str, Any] | None = None
+    source: str = "sweep.axes"
 
 
 @dataclass(frozen=True)
@@ -247,10 +278,12 @@ class Experiment:
 
 
 def _identity(workload: Workload, engine: EngineConfig, sweep: SweepTable, baseline: Arm) -> dict[str, Any]:
-    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline"})
+    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline", "peers"})
     # Axis order decides arm labels and trial order, so it is part of the identity: a dict would be key-sorted.
     sweep_dict["axes"] = [[axis, values] for axis, values in sweep.axes.items()]
     sweep_dict["baseline"] = baseline.label
+    if sweep.peers:  # only when present, so a sweep without peers keeps the id it had before peers existed
+        sweep_dict["peers"] = sweep.peers
     return {
         "workload": {
             "num_seqs": workload.num_seqs,
@@ -339,6 +372,8 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
 
     arms = [_resolved_model(path, arm) for arm in arms]
     _check_backends(path, arms)
+    peer_arms, peers = _peer_arms(path, parsed.sweep.peers, engine_values)
+    arms += [_resolved_model(path, arm) for arm in peer_arms]
     _check_lengths(path, workload, parsed.sweep.correctness, arms)
 
     warmup = parsed.sweep.warmup_seqs
@@ -348,7 +383,7 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
         raise ExperimentError(
             path, "sweep.warmup_seqs", f"must be at most workload.num_seqs ({wl.num_seqs}), got {warmup}"
         )
-    sweep = parsed.sweep.model_copy(update={"warmup_seqs": warmup})
+    sweep = parsed.sweep.model_copy(update={"warmup_seqs": warmup, "peers": peers})
 
     baseline = _baseline(path, parsed.sweep.baseline, axes, arms)
     name = wl.name or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)
@@ -359,19 +394,21 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
     )
 
 
-def _field(name: str, params: Mapping[str, Any]) -> str:
-    """Where a setting's value came from: the arm's axis, or the [engine] table."""
-    return f"sweep.axes.{name}" if name in params else f"engine.{name}"
+def _field(name: str, params: Mapping[str, Any], source: str = "sweep.axes") -> str:
+    """Where a setting's value came from: the arm's own values (axes or peer entry), or the [engine] table."""
+    return f"{source}.{name}" if name in params else f"engine.{name}"
 
 
-def _engine_config(path: Path, values: dict[str, Any], params: dict[str, Any]) -> EngineConfig:
+def _engine_config(
+    path: Path, values: dict[str, Any], params: dict[str, Any], source: str = "sweep.axes"
+) -> EngineConfig:
     try:
         return EngineConfig(**values)
     except ConfigError as error:
         if error.field in params or not params:
-            raise ExperimentError(path, _field(error.field, params), error.problem) from None
-        # The [engine] table alone was valid, so this arm's axis values broke a cross-field rule.
-        raise ExperimentError(path, "sweep.axes", f"arm {_label(params)}: {error}") from None
+            raise ExperimentError(path, _field(error.field, params, source), error.problem) from None
+        # The [engine] table alone was valid, so this arm's own values broke a cross-field rule.
+        raise ExperimentError(path, source, f"arm {_label(params)}: {error}") from None
 
 
 def _check_axis(path: Path, axis: str, values: list[Any]) -> None:
@@ -391,10 +428,39 @@ def _check_axis(path: Path, axis: str, values: list[Any]) -> None:
         seen.add(shown)
 
 
+def _peer_arms(path: Path, entries: list[dict[str, Any]], engine: dict[str, Any]) -> tuple[list[Arm], list[dict]]:
+    """One arm per [[sweep.peers]] entry, and the entries resolved (the peer's defaults filled in)."""
+    arms: list[Arm] = []
+    resolved: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        source = f"sweep.peers[{i}]"
+        name = entry.get("peer")
+        if name is None:
+            raise ExperimentError(path, f"{source}.peer", f"required key is missing; peers: {', '.join(PEERS)}")
+        if not isinstance(name, str) or name not in PEERS:
+            raise ExperimentError(path, f"{source}.peer", f"unknown peer {_show(name)}; peers: {', '.join(PEERS)}")
+        schema = _peer_table(name)
+        try:
+            table = schema.model_validate(entry)
+        except ValidationError as error:
+            field, problem = _describe(error, entry, schema)
+            raise ExperimentError(path, f"{source}.{field}", problem) from None
+        overrides = {k: v for k, v in entry.items() if k in PEER_ENGINE_FIELDS}
+        params = {"peer": name, **{k: v for k, v in entry.items() if k != "peer"}}
+        config = _engine_config(path, {**engine, **overrides}, overrides, source)
+        options = table.model_dump(exclude={"peer", *PEER_ENGINE_FIELDS})
+        label = _label(params)
+        if any(arm.label == label for arm in arms):
+            raise ExperimentError(path, source, f"duplicate arm {label}")
+        arms.append(Arm(label, params, config, peer={"peer": name, **options}, source=source))
+        resolved.append(table.model_dump(mode="json", exclude_none=True))
+    return arms, resolved
+
+
 def _resolved_model(path: Path, arm: Arm) -> Arm:
     """The arm with its model checked (a known preset, or a checkpoint directory) and a relative path resolved."""
     model = arm.config.model
-    field = _field("model", arm.params)
+    field = _field("model", arm.params, arm.source)
     if model.startswith(RANDOM_PREFIX):
         name = model.removeprefix(RANDOM_PREFIX)
         if name not in PRESETS:
@@ -450,7 +516,7 @@ def _check_lengths(path: Path, workload: Workload, gate: CorrectnessTable, arms:
         max_len = arm.config.max_model_len
         if max_len < longest:
             raise ExperimentError(
-                path, _field("max_model_len", arm.params),
+                path, _field("max_model_len", arm.params, arm.source),
                 f"{max_len} is below the longest request: input hi {workload.input_len[1]} + "
                 f"output hi {workload.output_len[1]} = {longest}",
             )
@@ -464,10 +530,16 @@ def _check_lengths(path: Path, workload: Workload, gate: CorrectnessTable, arms:
 def _baseline(path: Path, wanted: dict[str, Any] | None, axes: Mapping[str, list[Any]], arms: list[Arm]) -> Arm:
     if wanted is None:
         return arms[0]
+    # Besides the axes, a peer entry's keys ("peer", its overrides) may pick a peer arm.
+    peer_keys = sorted({key for arm in arms if arm.peer is not None for key in arm.params} - set(axes))
     for axis in wanted:
-        if axis not in axes:
-            raise ExperimentError(path, f"sweep.baseline.{axis}", f"not an axis; axes: {', '.join(axes)}")
-    matches = [arm for arm in arms if all(arm.params[k] == v for k, v in wanted.items())]
+        if axis not in axes and axis not in peer_keys:
+            if not peer_keys:
+                raise ExperimentError(path, f"sweep.baseline.{axis}", f"not an axis; axes: {', '.join(axes)}")
+            known = ", ".join([*axes, *peer_keys])
+            raise ExperimentError(path, f"sweep.baseline.{axis}", f"not an axis or peer key; keys: {known}")
+    missing = object()
+    matches = [arm for arm in arms if all(arm.params.get(k, missing) == v for k, v in wanted.items())]
     if len(matches) != 1:
         found = "no arm" if not matches else f"{len(matches)} arms (name more axes to pick one)"
         raise ExperimentError(
@@ -506,11 +578,12 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
-def _describe(error: ValidationError, raw: dict[str, Any]) -> tuple[str, str]:
+def _describe(error: ValidationError, raw: dict[str, Any], schema: type[BaseModel] = ExperimentFile) -> tuple[str, str]:
     """The first error's field (a dotted path of keys the file has, or lacks for "missing") and problem.
 
     pydantic adds union-member tags to a location ("kv_cache_capacity", "int"); walking the location through
-    the file's own data stops at the first element that is not a real key, which drops them.
+    the file's own data stops at the first element that is not a real key, which drops them. `schema` is the
+    model `raw` was validated against (default: the whole file).
     """
     errors = error.errors()
     first = errors[0]
@@ -529,7 +602,7 @@ def _describe(error: ValidationError, raw: dict[str, Any]) -> tuple[str, str]:
     same_place = [e for e in errors if e["loc"][: len(keys)] == first["loc"][: len(keys)]]
     problem = _problem(same_place)
     if first["type"] == "extra_forbidden":
-        known = _known_keys(keys[:-1])
+        known = _known_keys(keys[:-1], schema)
         problem += f"; known keys: {', '.join(known)}" if known else ""
     return field, problem
 
@@ -556,9 +629,8 @@ def _problem(errors: list[Any]) -> str:
     return f"{first['msg']}, got {_show(value)}"
 
 
-def _known_keys(table_path: list[str | int]) -> list[str]:
-    """The keys the schema allows in the table at `table_path`, or [] when that is not a fixed table."""
-    model: Any = ExperimentFile
+def _known_keys(table_path: list[str | int], model: Any) -> list[str]:
+    """The keys `model` allows in the table at `table_path`, or [] when that is not a fixed table."""
     for part in table_path:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

@@ -70,7 +70,7 @@ def trial_request(experiment: Experiment, run_id: str, trial: TrialSpec) -> Tria
         repeat=trial.repeat, order=trial.order, config=trial.arm.config.to_dict(),
         workload=experiment.workload, warmup_seqs=sweep.warmup_seqs,
         gate=GateSettings(**sweep.correctness.model_dump()), result_path="",
-        source_dir=str(experiment.path.resolve().parent),
+        source_dir=str(experiment.path.resolve().parent), peer=trial.arm.peer,
     )
 
 

@@ -24,7 +24,8 @@ from novainfer.ab.record import TrialRecord
 from novainfer.ab.workload import Workload, teacher_forcing_inputs
 from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
-from novainfer.observers import PhaseTimer
+from novainfer.models.qwen2 import Qwen2ForCausalLM, build_model
+from novainfer.observers import NvtxRanges, PhaseTimer
 from novainfer.plugins import BackendError, select_backend
 
 # The reference every backend's logits are checked against: native's plain-PyTorch path.
@@ -56,6 +57,7 @@ class TrialRequest:
     result_path: str
     source_dir: str  # where the experiment file lives, for the git commit tag
     extra: dict[str, Any] = field(default_factory=dict)
+    peer: dict[str, Any] | None = None  # a peer arm's {"peer": name, **its settings}; None runs our engine
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -77,24 +79,47 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def correctness_gate(llm: LLM, gate: GateSettings) -> float:
-    """Largest relative logits error of `llm` against the reference backend under teacher forcing."""
+def correctness_gate(config: EngineConfig, gate: GateSettings) -> tuple[float, Qwen2ForCausalLM]:
+    """Largest relative logits error of the arm's backend against the reference, under teacher forcing.
+
+    The gate checks the backend, so nothing else may round differently between the two engines:
+    both run the same float32 weights (so the GEMMs are identical), and only attention runs in the
+    arm's dtype, over a cache of that dtype. With the whole model in bfloat16 the rounding of 28
+    layers' GEMMs would amplify any one-ulp difference in attention into a few percent, for every
+    backend alike, and hide real errors under that noise.
+
+    Returns the error and the model, converted to the arm's dtype, for the arm's engine to share.
+    """
+    device = resolve_device(config.device)
+    attention_dtype = str(resolve_dtype(
+        config.dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype, device
+    )).removeprefix("torch.")
+    model = build_model(config.model, config.seed, torch.float32, device, config.max_model_len)
     prompts, continuations = teacher_forcing_inputs(
         seed=1234, num_seqs=gate.num_seqs, prompt_len=gate.prompt_len, decode_steps=gate.decode_steps,
-        vocab_size=llm.model_config.vocab_size,
+        vocab_size=model.config.vocab_size,
     )
-    cfg = llm.config
-    reference = LLM(
-        cfg.model, backend=REFERENCE_BACKEND, backend_options=REFERENCE_OPTIONS, shared_model=llm.model,
-        dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, block_size=cfg.block_size,
-        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        kv_cache_capacity=gate.num_seqs * (gate.prompt_len + gate.decode_steps + cfg.block_size),
+    small = dict(
+        model=config.model, device=config.device, dtype="float32", kv_cache_dtype=attention_dtype,
+        block_size=config.block_size, max_model_len=config.max_model_len, max_num_seqs=gate.num_seqs,
+        max_num_batched_tokens=gate.num_seqs * gate.prompt_len,
+        kv_cache_capacity=gate.num_seqs * (gate.prompt_len + gate.decode_steps + config.block_size),
     )
+    reference = LLM(backend=REFERENCE_BACKEND, backend_options=REFERENCE_OPTIONS, shared_model=model, **small)
     expected = reference.teacher_forced_logits(prompts, continuations)
     del reference
-    got = llm.teacher_forced_logits(prompts, continuations)
-    return max(relative_error(g, e) for g, e in zip(got, expected))
+    tested = LLM(
+        backend=config.backend, backend_options=config.backend_options, cuda_graphs=config.cuda_graphs,
+        shared_model=model, **small,
+    )
+    got = tested.teacher_forced_logits(prompts, continuations)
+    del tested
+    dtype = resolve_dtype(config.dtype, device)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return max(relative_error(g, e) for g, e in zip(got, expected)), model
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -125,24 +150,26 @@ def new_record(request: TrialRequest) -> TrialRecord:
 
 def run_trial(request: TrialRequest, record: TrialRecord) -> None:
     """Run the trial, filling `record` as it goes (so a failure midway keeps what was learned)."""
+    if request.peer is not None:
+        from novainfer.ab.peers.trial import run_peer_trial  # only a peer's trial pays for peer code
+
+        run_peer_trial(request, record, request.peer)
+        return
     config = EngineConfig(**request.config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    record.tags = {**device_tags(device), "git_commit": git_commit(Path(request.source_dir))}
+    record.tags = {**device_tags(device), "git_commit": git_commit(Path(request.source_dir)), "engine": "novainfer"}
     try:
         backend = select_backend(config.backend, device, dtype, config.block_size)
     except BackendError as error:
         record.status, record.reason = "skipped", str(error)
         return
     record.params = _params(config, backend.plugin, backend.version)
-    timer = PhaseTimer(device)
-    emit("phase", name="load")
-    llm = LLM(observers=[timer], **config.to_dict())
-    record.tags["cuda_graphs_mode"] = str(getattr(llm, "graph_mode", "eager"))
     metrics = record.metrics
+    model = None
     if request.gate.enabled:
         emit("phase", name="correctness")
-        metrics["max_rel_err"] = correctness_gate(llm, request.gate)
+        metrics["max_rel_err"], model = correctness_gate(config, request.gate)
         if not metrics["max_rel_err"] <= request.gate.max_rel_err:  # NaN fails too
             record.status = "incorrect"
             record.reason = (
@@ -150,6 +177,11 @@ def run_trial(request: TrialRequest, record: TrialRecord) -> None:
                 f"{metrics['max_rel_err']:.3g} > {request.gate.max_rel_err:g}"
             )
             return
+    timer = PhaseTimer(device)
+    emit("phase", name="load")
+    observers: list[object] = [timer, NvtxRanges()] if device.type == "cuda" else [timer]
+    llm = LLM(observers=observers, shared_model=model, **config.to_dict())
+    record.tags["cuda_graphs_mode"] = str(getattr(llm, "graph_mode", "eager"))
     workload = request.workload
     prompts, output_lens = workload.prompts(), workload.output_lens()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in output_lens]

@@ -49,6 +49,8 @@ class Qwen2Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         kv_cache = step.kv_caches[self.layer_idx]
+        # Attention runs in the cache's dtype (a no-op when it is the model's).
+        q, k, v = q.to(kv_cache.dtype), k.to(kv_cache.dtype), v.to(kv_cache.dtype)
         step.write_kv(
             layer_idx=self.layer_idx, key=k, value=v, kv_cache=kv_cache,
             slot_mapping=step.slot_mapping, metadata=step.metadata,
@@ -56,7 +58,7 @@ class Qwen2Attention(nn.Module):
         out = step.attention(
             layer_idx=self.layer_idx, query=q, kv_cache=kv_cache, metadata=step.metadata, scale=self.scale
         )
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size).to(x.dtype))
 
 
 class Qwen2MLP(nn.Module):
@@ -77,9 +79,23 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, step: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, step: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (hidden, residual), the residual stream passed along as in vLLM.
+
+        Each sublayer's output leaves the residual add to the norm that follows it, which fuses the
+        two (the first layer's input, with residual None, is the stream itself); the stream after
+        this layer is hidden + residual.
+        """
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, step)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -96,10 +112,11 @@ class Qwen2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, step: StepContext) -> torch.Tensor:
         """Final hidden states [T, hidden] of a step's tokens."""
-        x = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, step)
-        return self.norm(x)
+            hidden, residual = layer(positions, hidden, residual, step)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -168,7 +185,9 @@ def init_random(model: Qwen2ForCausalLM, seed: int) -> None:
     """Deterministic random weights: each tensor from its own CPU generator seeded by (seed, name).
 
     CPU generation is bitwise the same on every machine, and seeding per name makes a tensor's
-    values independent of the order parameters are created in.
+    values independent of the order parameters are created in. Values are rounded to bfloat16, as
+    in the bfloat16 checkpoints real models ship: a float32 engine and a bfloat16 one then hold the
+    same weights, and comparing them measures compute, not weight rounding.
     """
     for name, param in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -177,7 +196,7 @@ def init_random(model: Qwen2ForCausalLM, seed: int) -> None:
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
-        param.data.copy_(values)
+        param.data.copy_(values.to(torch.bfloat16))
 
 
 def build_model(

@@ -108,12 +108,37 @@ class NativeBackend:
                 if context.device.type == "cuda"
                 else 1
             )
+            self._compile_decode_variants()
+
+    def _compile_decode_variants(self) -> None:
+        """Compile the decode kernel with and without the context split now.
+
+        Which one a step needs depends on its batch size and context lengths, so a run could meet
+        either for the first time inside its timed window. A one-token context in a one-block
+        dummy cache is enough; the block table has the real width (strides are specialised on).
+        """
+        c = self.context
+        cache = torch.zeros(2, 1, c.block_size, c.num_kv_heads, c.head_dim, dtype=c.dtype, device=c.device)
+        query = torch.zeros(1, c.num_q_heads, c.head_dim, dtype=c.dtype, device=c.device)
+        tables = torch.zeros(1, -(-c.max_model_len // c.block_size), dtype=torch.int32, device=c.device)
+        seq_lens = torch.ones(1, dtype=torch.int32, device=c.device)
+        for splits in (1, 2):
+            self.ops.paged_decode_attention(
+                query, cache, tables, seq_lens, 1.0, torch.empty_like(query), workspace=self.workspace,
+                num_splits=splits,
+            )
 
     @hookimpl
     def cuda_graph_unsupported(self) -> str | None:
         if self.kernels == "torch":
             return "native with kernels='torch' sizes its tensors from host values each step"
         return None
+
+    @hookimpl
+    def backend_counters(self) -> dict[str, int]:
+        if self.kernels != "triton":
+            return {}
+        return {"triton_compiles": self.ops.compiled_kernel_count()}
 
     @hookimpl
     def prepare_attention_metadata(self, batch: StepBatch) -> TorchMetadata | TritonMetadata:

@@ -59,6 +59,19 @@ class DecodeWorkspace:
         return self.lse.shape[2]
 
 
+def compiled_kernel_count() -> int:
+    """Kernel variants compiled (or loaded from Triton's disk cache) so far in this process.
+
+    Triton compiles a kernel again for each new specialisation of its arguments (dtype, an int
+    equal to 1 or divisible by 16, ...); a count that grows inside a timed window means a compile
+    was timed.
+    """
+    kernels = (_write_kv_kernel, _decode_kernel, _decode_reduce_kernel, _prefill_kernel)
+    # device_caches maps a device to a tuple whose first item is that device's compiled-kernel dict;
+    # the interpreter (TRITON_INTERPRET=1) compiles nothing and has none.
+    return sum(len(caches[0]) for kernel in kernels for caches in getattr(kernel, "device_caches", {}).values())
+
+
 def decode_workspace(
     max_num_seqs: int, num_q_heads: int, head_dim: int, max_splits: int, device: torch.device | str
 ) -> DecodeWorkspace:
@@ -159,7 +172,10 @@ def write_kv(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Ints and pointers that vary from step to step are not specialised on (== 1, divisible by 16,
+# 16-byte aligned), or a step with a new value would compile a new variant mid-run: num_splits
+# follows the batch, and the prefill's per-sequence arrays start at row num_decodes.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -266,7 +282,7 @@ def _decode_kernel(
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
@@ -402,7 +418,7 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr"])
 def _prefill_kernel(
     q_ptr,
     cache_ptr,

@@ -1,0 +1,81 @@
+"""Where a small-batch run's time goes: per-step wall time, graph replay alone, and the eager step's host ops.
+
+Runs an experiment's workload as a trial does (warm-up generate, then the timed generate) with one
+backend, then prints: the wall time of prefill-carrying steps and of decode steps (median, p90, sum),
+the device time of one CUDA-graph replay of the decode bucket the run used most (so the rest of a
+decode step is host work), and a torch.profiler table of the CPU time by op of one eager prefill step
+of the workload. For diagnosis, not for numbers: the sweep's trials are the numbers.
+
+    python bench/step_times_gpu.py experiments/kv_layout.toml [native]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from novainfer import LLM
+from novainfer.ab.experiment import load_experiment
+from novainfer.sequence import SamplingParams
+
+
+def replay_ms(llm: LLM, bucket: int, repeats: int = 50) -> float:
+    graph = llm.runner.graphs.graphs[bucket]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", type=Path)
+    parser.add_argument("backend", nargs="?", default="native")
+    args = parser.parse_args()
+    experiment = load_experiment(args.experiment)
+    llm = LLM(**{**experiment.engine.to_dict(), "backend": args.backend, "cuda_graphs": True})
+    prompts, lens = experiment.workload.prompts(), experiment.workload.output_lens()
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
+    llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    llm.step_stats.clear()
+    llm.generate(prompts, params)
+    stats = llm.step_stats
+    prefill = [s.seconds * 1e3 for s in stats if s.num_prefill_tokens]
+    decode = [s.seconds * 1e3 for s in stats if not s.num_prefill_tokens]
+    total = sum(s.seconds for s in stats)
+    tokens = sum(s.num_sampled for s in stats)
+    print(f"{len(stats)} steps, {tokens} output tokens in {total * 1e3:.1f} ms = {tokens / total:,.0f} tok/s")
+    print(f"prefill steps: {len(prefill)}, {sum(prefill):.2f} ms in all: {[round(t, 2) for t in prefill]}")
+    if decode:
+        decode.sort()
+        print(
+            f"decode steps: {len(decode)}, median {statistics.median(decode):.3f} ms, "
+            f"p90 {decode[int(0.9 * len(decode))]:.3f} ms, {sum(decode):.1f} ms in all"
+        )
+    graphs = llm.runner.graphs
+    buckets = Counter(next(b for b in graphs.buckets if b >= s.num_seqs) for s in stats if not s.num_prefill_tokens)
+    for bucket, count in buckets.most_common(3):
+        print(f"graph replay of bucket {bucket} ({count} steps): {replay_ms(llm, bucket):.3f} ms device time")
+
+    # One eager prefill step of the workload's prompts, profiled on the host.
+    for prompt, n in zip(prompts, lens):
+        llm.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        llm.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
+    while llm.scheduler.has_unfinished():
+        llm.step()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The flashinfer backend: FlashInfer's paged decode and prefill kernels over the core's BLOCK cache.
+
+Registering is cheap: flashinfer is imported only when the backend is created, and availability is
+judged from installed-package metadata and torch's view of the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from novainfer.hookspecs import hookimpl
+from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer_flashinfer.checks import parse_options, unavailable_reason
+
+
+def _installed_version() -> str | None:
+    if importlib.util.find_spec("flashinfer") is None:
+        return None
+    try:
+        return version("flashinfer-python")
+    except PackageNotFoundError:
+        return None
+
+
+def _unavailable() -> str | None:
+    cuda = torch.cuda.is_available()
+    return unavailable_reason(_installed_version(), cuda, torch.cuda.get_device_capability() if cuda else None)
+
+
+def _create(context: AttentionContext) -> object:
+    # Options are checked before flashinfer is imported, so a typo fails fast.
+    options = parse_options(context.options)
+    from novainfer_flashinfer.backend import FlashInferBackend
+
+    return FlashInferBackend(context, options)
+
+
+@hookimpl
+def register_backends(register: Callable[[BackendSpec], None]) -> None:
+    register(
+        BackendSpec(
+            name="flashinfer",
+            create=_create,
+            capabilities=Capabilities(
+                devices=("cuda",), dtypes=("bfloat16", "float16"), cuda_graphs=True, kv_layout="NHD"
+            ),
+            unavailable=_unavailable,
+            description="FlashInfer paged decode/prefill wrappers; options kv_write, tensor_cores, prefill_backend",
+        )
+    )
