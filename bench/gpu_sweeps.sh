@@ -3,7 +3,7 @@
 #   CALIBERS="grid kv_layout" BACKENDS='"native","cudnn"' REPEATS=3 bash bench/gpu_sweeps.sh
 # Each experiments/<caliber>.toml is run with its backend axis narrowed to BACKENDS (default: the file's)
 # and REPEATS repeats per arm (default 3), within LIMIT seconds (default 540) each. The console tables
-# land in $OUT/<caliber>.txt, the ledgers in $OUT/ledgers.tgz (`nova-ab import` logs them to MLflow).
+# land in $OUT/<caliber>.txt, the ledgers (with their sweep.json) in $OUT/ledgers.tgz (`nova-ab import` logs them to MLflow).
 source bench/gpu_setup.sh
 export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
@@ -13,4 +13,4 @@ for name in ${CALIBERS:-grid kv_layout}; do
     sed "${narrow[@]}" -e "/^\[sweep\]$/a repeats = ${REPEATS:-3}" experiments/$name.toml > experiments/gpu_$name.toml
     timeout "${LIMIT:-540}" python3 -m novainfer.ab.cli sweep experiments/gpu_$name.toml 2>&1 | tail -30 | tee $OUT/$name.txt
 done
-find .nova-ab -name ledger.jsonl | tar czf $OUT/ledgers.tgz -T -
+find .nova-ab \( -name ledger.jsonl -o -name sweep.json \) | tar czf $OUT/ledgers.tgz -T -
