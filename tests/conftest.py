@@ -1,8 +1,12 @@
-"""Shared fixtures: real checkpoints written by transformers into temp dirs."""
+"""Shared fixtures: real checkpoints written by transformers into temp dirs, and plugins installed by pip."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,25 @@ def tied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def untied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_qwen2_checkpoint(tmp_path_factory.mktemp("untied"), tied=False, heads=6, kv_heads=1, shard=True)
+
+
+@pytest.fixture(scope="session")
+def pip_install(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Path]:
+    """Installs a distribution's source directory with pip into a directory of its own, returned for
+    PYTHONPATH: the plugin is then found through its entry point, as a user's install would be.
+
+    pip builds from a copy, since a build leaves build/ and *.egg-info behind in the source tree.
+    """
+
+    def install(source: Path) -> Path:
+        ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+        copy = shutil.copytree(source, tmp_path_factory.mktemp(f"{source.name}-src") / source.name, ignore=ignore)
+        target = tmp_path_factory.mktemp(f"{source.name}-site")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+             str(target), str(copy)],
+            check=True, capture_output=True,
+        )
+        return target
+
+    return install

@@ -14,7 +14,6 @@ import itertools
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -386,17 +385,8 @@ def test_registering_imports_no_cudnn() -> None:
 
 
 @pytest.fixture(scope="module")
-def cudnn_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The plugin pip-installed into its own directory (from a copy: a build leaves files behind)."""
-    source = shutil.copytree(PLUGIN, tmp_path_factory.mktemp("src") / "cudnn",
-                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = tmp_path_factory.mktemp("cudnn-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(source)],
-        check=True, capture_output=True,
-    )
-    return target
+def cudnn_site(pip_install: Callable[[Path], Path]) -> Path:
+    return pip_install(PLUGIN)
 
 
 def test_backends_lists_cudnn_with_its_reason(tmp_path: Path, cudnn_site: Path) -> None:

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -492,17 +491,8 @@ def test_availability_reasons() -> None:
 
 
 @pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The plugin installed by pip into its own directory, built from a copy so the tree stays clean."""
-    source = tmp_path_factory.mktemp("flashattn-src") / "flashattn"
-    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = tmp_path_factory.mktemp("flashattn-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(source)],
-        check=True, capture_output=True,
-    )
-    return target
+def plugin_site(pip_install: Callable[[Path], Path]) -> Path:
+    return pip_install(PLUGIN)
 
 
 def run_with_plugin(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:

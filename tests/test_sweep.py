@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,9 @@ TRIAL_TAGS = {"nova.status", "device_name", "driver", "torch_version", "cuda_ver
 
 
 @pytest.fixture(scope="module")
-def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test-only faulty plugin, installed with pip into its own directory."""
-    target = tmp_path_factory.mktemp("faulty-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(ROOT / "tests" / "plugins" / "faulty")],
-        check=True, capture_output=True,
-    )
-    return target
+def faulty_site(pip_install: Callable[[Path], Path]) -> Path:
+    """The test-only faulty plugin, installed with pip."""
+    return pip_install(ROOT / "tests" / "plugins" / "faulty")
 
 
 def nova_ab(
