@@ -25,21 +25,28 @@ error ||out - ref|| / ||ref|| <= 1e-2).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
 import cudnn
 import torch
+from gpu_check import (
+    MAX_REL_ERROR,
+    LogitsReferences,
+    Row,
+    guarded,
+    logits_references,
+    print_table,
+    relative_error,
+    teacher_forced,
+)
 
 from novainfer import LLM
-from novainfer.ab.workload import teacher_forcing_inputs
 from novainfer.batch import StepBatch
-from novainfer.models.qwen2 import build_model
 from novainfer.plugins import AttentionContext, discover_backends
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
@@ -47,23 +54,8 @@ from novainfer.sequence import SamplingParams, Sequence
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 12, 2, 128
 SCALE = HEAD_DIM**-0.5
 MAX_MODEL_LEN, MAX_SEQS, MAX_TOKENS = 4096, 64, 4096
-MAX_REL_ERROR = 1e-2
-FLOOR_SLACK = 1.25
 DEVICE = torch.device("cuda")
-LOGITS_PRESET = "deepseek-r1-distill-qwen-1.5b"
-LOGITS_SETTINGS = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=16,
-                       kv_cache_capacity=4096)
 HEADLINE = dict(max_num_seqs=256, max_num_batched_tokens=16384, max_model_len=4096, block_size=16)
-
-
-@dataclass
-class Row:
-    part: str
-    case: str
-    max_abs: float = math.nan
-    rel: float = math.nan
-    ok: bool = False
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,10 +68,6 @@ class Case:
     block_size: int = 16
     dtype: torch.dtype = torch.bfloat16
     pad_to: int | None = None  # a decode batch the engine padded to this CUDA-graph bucket
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def num_blocks(block_size: int) -> int:
@@ -263,74 +251,29 @@ def attention_part(fx: Fixtures) -> list[Row]:
 
 
 def logits_part() -> list[Row]:
-    """Two comparisons per arm, as bench/check_flashinfer_gpu.py makes them.
-
-    "bf16": the whole model in bfloat16 against the CPU float32 engine. bfloat16 alone is ~3e-2 off
-        float32 on this random model (bench/RESULTS.md, "precision"), so the bar is FLOOR_SLACK times
-        native's PyTorch path in bfloat16 (the floor), at least MAX_REL_ERROR.
-    "gate": float32 weights with attention over a bfloat16 cache, against native's PyTorch path in the
-        same setting (so only the attention backend differs), as the sweep's correctness gate.
-    """
-    model = f"random:{LOGITS_PRESET}"
-    max_len = LOGITS_SETTINGS["max_model_len"]
-    torch.set_num_threads(16)
-    cpu32 = build_model(model, 0, torch.float32, torch.device("cpu"), max_len)
-    prompts, conts = teacher_forcing_inputs(
-        seed=7, num_seqs=6, prompt_len=96, decode_steps=24, vocab_size=cpu32.config.vocab_size
-    )
-    reference = LLM(model, device="cpu", dtype="float32", shared_model=cpu32, **LOGITS_SETTINGS)
-    expected = {"bf16": reference.teacher_forced_logits(prompts, conts)}
-    del reference, cpu32
-    models = {
-        "bf16": (build_model(model, 0, torch.bfloat16, DEVICE, max_len), {"dtype": "bfloat16"}),
-        "gate": (build_model(model, 0, torch.float32, DEVICE, max_len),
-                 {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
-    }
-    floors = {}
-    for kind, (shared, settings) in models.items():
-        llm = LLM(model, device="cuda", backend="native", backend_options={"kernels": "torch"},
-                  shared_model=shared, **settings, **LOGITS_SETTINGS)
-        logits = llm.teacher_forced_logits(prompts, conts)
-        if kind == "gate":
-            expected["gate"] = logits
-        else:
-            floors[kind] = max(relative_error(g, e) for g, e in zip(logits, expected[kind]))
-        del llm
-    bars = {"bf16": max(MAX_REL_ERROR, FLOOR_SLACK * floors["bf16"]), "gate": MAX_REL_ERROR}
-    print(f"bfloat16 floor (native PyTorch path vs CPU float32): {floors['bf16']:.2e}; bf16 bar {bars['bf16']:.2e}")
+    """Both comparisons of gpu_check.logits_references per arm, as bench/check_flashinfer_gpu.py makes them."""
+    refs = logits_references()
     arms = [
         ("native", {}, False), ("native", {}, True),
         ("cudnn", {}, False), ("cudnn", {}, True), ("cudnn", {"prebuild": "lazy"}, False),
     ]
     rows = []
     for backend, options, graphs in arms:
-        for kind, (shared, settings) in models.items():
-            name = f"{kind} {backend} {options or ''} {'graphs' if graphs else 'eager'}"
-            engine = dict(model=model, device="cuda", backend=backend, backend_options=options, cuda_graphs=graphs,
-                          shared_model=shared, **settings, **LOGITS_SETTINGS)
-            rows.append(guarded(Row("logits", name), lambda n=name, e=engine, k=kind: logits_row(
-                n, e, expected[k], bars[k], prompts, conts)))
+        for kind in refs.models:
+            row = Row("logits", f"{kind} {backend} {options or ''} {'graphs' if graphs else 'eager'}")
+            engine = refs.engine(kind, backend, options, graphs)
+            rows.append(guarded(row, functools.partial(logits_row, row, refs, kind, engine)))
             torch.cuda.empty_cache()
     return rows
 
 
-def logits_row(name: str, engine: dict[str, Any], reference: list[torch.Tensor], bar: float,
-               prompts: list[list[int]], conts: list[list[int]]) -> Row:
-    row = Row("logits", name)
-    llm = LLM(**engine)
-    before = llm.backend_counters()
-    got = llm.teacher_forced_logits(prompts, conts)
-    after = llm.backend_counters()
+def logits_row(row: Row, refs: LogitsReferences, kind: str, engine: dict[str, Any]) -> Row:
+    _, before, after = teacher_forced(row, refs, kind, engine)
     during = {k: v - before.get(k, 0) for k, v in after.items()}
-    row.rel = max(relative_error(g, r) for g, r in zip(got, reference))
-    row.max_abs = max(float((g - r).abs().max()) for g, r in zip(got, reference))
-    agree = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference))
-    total = sum(r.shape[0] for r in reference)
     # The lazy arm builds while it runs: that is what it is for.
-    built_while_running = during.get("graph_builds", 0)
     lazy = engine["backend_options"].get("prebuild") == "lazy"
-    row.ok = row.rel <= bar and (built_while_running == 0 or lazy)
-    row.note = f"{llm.graph_mode}; argmax {agree}/{total}; at start {before}; while running {during}"
+    row.ok = row.rel <= refs.bars[kind] and (during.get("graph_builds", 0) == 0 or lazy)
+    row.note += f"; at start {before}; while running {during}"
     return row
 
 
@@ -360,17 +303,6 @@ def start_row(policy: str) -> Row:
     return row
 
 
-def guarded(row: Row, run: Callable[[], Row]) -> Row:
-    """Run one case; an exception fails that case only, printed in full."""
-    try:
-        row = run()
-    except Exception as error:  # one failing case must not hide the others
-        traceback.print_exc()
-        row.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-    print(f"{row.part:<9} {row.case:<38} rel {row.rel:.2e} {'PASS' if row.ok else 'FAIL'}  {row.note}", flush=True)
-    return row
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parts = ["attention", "logits", "start"]
@@ -385,12 +317,7 @@ def main() -> None:
         rows += logits_part()
     if "start" in args.parts:
         rows += start_part()
-    print(f"\n{'part':<9} {'case':<38} {'max abs':>9} {'rel err':>9}  result  (bar: rel <= {MAX_REL_ERROR})")
-    for row in rows:
-        print(f"{row.part:<9} {row.case:<38} {row.max_abs:>9.2e} {row.rel:>9.2e}  {'PASS' if row.ok else 'FAIL'}"
-              f"  {row.note[:120]}")
-    failed = sum(not row.ok for row in rows)
-    print(f"{len(rows) - failed} PASS, {failed} FAIL")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -26,41 +26,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
+from gpu_check import (
+    MAX_REL_ERROR,
+    TORCH,
+    LogitsReferences,
+    Row,
+    counters_moved,
+    guarded,
+    logits_references,
+    print_table,
+    relative_error,
+    teacher_forced,
+)
 
 from novainfer import LLM
-from novainfer.ab.workload import teacher_forcing_inputs
 from novainfer.batch import StepBatch
-from novainfer.models.qwen2 import build_model
 from novainfer.plugins import AttentionContext, discover_backends, engine_plugin_manager, resolve_hook
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 12, 2, 128
 MAX_MODEL_LEN, MAX_SEQS, MAX_TOKENS = 4096, 64, 4096
-MAX_REL_ERROR = 1e-2
-FLOOR_SLACK = 1.25
 DEVICE = torch.device("cuda")
-TORCH = {"kernels": "torch"}
-LOGITS_PRESET = "deepseek-r1-distill-qwen-1.5b"
-
-
-@dataclass
-class Row:
-    part: str
-    case: str
-    max_abs: float = math.nan
-    rel: float = math.nan
-    note: str = ""
-    ok: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,10 +67,6 @@ class Step:
     value: torch.Tensor
     cache: torch.Tensor
     num_real_tokens: int  # rows past these are CUDA-graph padding
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 class Harness:
@@ -252,72 +242,25 @@ def attention_part(h: Harness, block_size: int, any_block_size: bool) -> list[Ro
 
 
 def logits_part(options: dict[str, Any], block_size: int) -> list[Row]:
-    """The two comparisons bench/check_logits_gpu.py and the sweep's gate make, eager and with graphs."""
-    model = f"random:{LOGITS_PRESET}"
-    settings = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=block_size,
-                    kv_cache_capacity=4096)
-    torch.set_num_threads(16)
-    cpu32 = build_model(model, 0, torch.float32, torch.device("cpu"), settings["max_model_len"])
-    prompts, conts = teacher_forcing_inputs(seed=7, num_seqs=6, prompt_len=96, decode_steps=24,
-                                            vocab_size=cpu32.config.vocab_size)
-    expected = {"bf16": LLM(model, device="cpu", dtype="float32", shared_model=cpu32, **settings)
-                .teacher_forced_logits(prompts, conts)}
-    del cpu32
-    models = {
-        "bf16": (build_model(model, 0, torch.bfloat16, DEVICE, 512), {"dtype": "bfloat16"}),
-        "gate": (build_model(model, 0, torch.float32, DEVICE, 512), {"dtype": "float32", "kv_cache_dtype": "bfloat16"}),
-    }
-
-    def native_torch(kind: str) -> list[torch.Tensor]:
-        shared, extra = models[kind]
-        llm = LLM(model, device="cuda", backend="native", backend_options=TORCH, shared_model=shared, **extra,
-                  **settings)
-        return llm.teacher_forced_logits(prompts, conts)
-
-    expected["gate"] = native_torch("gate")
-    # bfloat16 through the whole model is ~3e-2 off float32 on this random model whatever the attention:
-    # there a backend passes within FLOOR_SLACK of native's PyTorch path in bfloat16.
-    floor = max(relative_error(g, e) for g, e in zip(native_torch("bf16"), expected["bf16"]))
-    bars = {"bf16": max(MAX_REL_ERROR, FLOOR_SLACK * floor), "gate": MAX_REL_ERROR}
-    print(f"bfloat16 floor (native PyTorch path vs CPU float32): {floor:.2e}; bf16 bar {bars['bf16']:.2e}")
+    """Both comparisons of gpu_check.logits_references, native and flashattn, eager and with graphs."""
+    refs = logits_references(block_size)
     rows = []
     for backend, backend_options in (("native", {}), ("flashattn", options)):
         for graphs in (False, True):
-            for kind, (shared, extra) in models.items():
+            for kind in refs.models:
                 row = Row("logits", f"{kind} {backend} {'graphs' if graphs else 'eager'}")
-                engine = dict(model=model, device="cuda", backend=backend, backend_options=backend_options,
-                              cuda_graphs=graphs, shared_model=shared, **extra, **settings)
-                run = functools.partial(logits_row, row, engine, expected[kind], bars[kind], prompts, conts)
-                rows.append(guarded(row, run))
+                engine = refs.engine(kind, backend, backend_options, graphs)
+                rows.append(guarded(row, functools.partial(logits_row, row, refs, kind, engine)))
                 torch.cuda.empty_cache()
     return rows
 
 
-def logits_row(row: Row, engine: dict[str, Any], expected: list[torch.Tensor], bar: float,
-               prompts: list[list[int]], conts: list[list[int]]) -> Row:
-    llm = LLM(**engine)
-    before = llm.backend_counters()
-    got = llm.teacher_forced_logits(prompts, conts)
-    after = llm.backend_counters()
-    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    row.rel = max(relative_error(g, e) for g, e in zip(got, expected))
-    row.max_abs = max(float((g - e).abs().max()) for g, e in zip(got, expected))
-    agree = sum(int((g.argmax(-1) == e.argmax(-1)).sum()) for g, e in zip(got, expected))
-    row.note = (f"{llm.graph_mode}; argmax {agree}/{sum(e.shape[0] for e in expected)}; counters {after}; "
-                f"moved while running: {moved or 'none'}")
+def logits_row(row: Row, refs: LogitsReferences, kind: str, engine: dict[str, Any]) -> Row:
+    llm, before, after = teacher_forced(row, refs, kind, engine)
+    moved = counters_moved(before, after)
+    row.note += f"; counters {after}; moved while running: {moved or 'none'}"
     graphs_ok = not engine["cuda_graphs"] or engine["backend"] != "flashattn" or llm.graph_mode == "cuda_graphs"
-    row.ok = row.rel <= bar and not moved and graphs_ok
-    return row
-
-
-def guarded(row: Row, run: Callable[[], Row]) -> Row:
-    """Run one case; an exception fails that case only and is printed in full."""
-    try:
-        row = run()
-    except Exception as error:  # one failing case must not hide the others
-        traceback.print_exc()
-        row.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
-    print(f"{row.part:<9} {row.case:<28} rel {row.rel:.2e} {'PASS' if row.ok else 'FAIL'}  {row.note}", flush=True)
+    row.ok = row.rel <= refs.bars[kind] and not moved and graphs_ok
     return row
 
 
@@ -346,11 +289,7 @@ def main() -> None:
         rows += attention_part(Harness(options), block_size, any_block_size=not uses_fa2)
     if "logits" in args.parts:
         rows += logits_part(options, block_size)
-    print(f"\n{'part':<9} {'case':<28} {'max abs':>9} {'rel err':>9}  result  (bar: rel <= {MAX_REL_ERROR})")
-    for row in rows:
-        print(f"{row.part:<9} {row.case:<28} {row.max_abs:>9.2e} {row.rel:>9.2e}  {'PASS' if row.ok else 'FAIL'}")
-    failed = sum(not row.ok for row in rows)
-    print(f"{len(rows) - failed} PASS, {failed} FAIL")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -27,28 +27,34 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
 import torch
+from gpu_check import (
+    MAX_REL_ERROR,
+    TORCH,
+    LogitsReferences,
+    Row,
+    counters_moved,
+    guarded,
+    logits_references,
+    print_table,
+    relative_error,
+    teacher_forced,
+)
 
 from novainfer import LLM
-from novainfer.ab.workload import teacher_forcing_inputs
 from novainfer.batch import StepBatch
-from novainfer.models.qwen2 import build_model
 from novainfer.plugins import AttentionContext, discover_backends, engine_plugin_manager, resolve_hook
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 12, 2, 128
 MAX_MODEL_LEN, MAX_SEQS, MAX_TOKENS = 4096, 64, 4096
-MAX_REL_ERROR = 1e-2
-FLOOR_SLACK = 1.25
 DEVICE = torch.device("cuda")
 CONFIGS: dict[str, dict[str, Any]] = {
     # kv_write native, tensor cores (auto: 6 query heads per KV head), prefill auto (FA3 on sm90).
@@ -59,9 +65,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # flashinfer 0.6's CUDA-core decode has no kernel for 6 query heads per KV head: expected to fail there.
     "cuda-cores": {"tensor_cores": False},
 }
-LOGITS_PRESET = "deepseek-r1-distill-qwen-1.5b"
-LOGITS_SETTINGS = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=16,
-                       kv_cache_capacity=4096)
 
 
 @dataclass(frozen=True)
@@ -77,17 +80,6 @@ class Case:
 
 
 @dataclass
-class Row:
-    part: str
-    case: str
-    config: str
-    max_abs: float = math.nan
-    rel: float = math.nan
-    note: str = ""
-    ok: bool = False
-
-
-@dataclass
 class Step:
     """A step's inputs: the engine-built batch, random queries and new K/V, a cache with shuffled blocks."""
 
@@ -97,10 +89,6 @@ class Step:
     value: torch.Tensor
     cache: torch.Tensor
     num_real_tokens: int  # rows past these are CUDA-graph padding
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 class Batches:
@@ -313,85 +301,28 @@ def attention_part(configs: list[str]) -> list[Row]:
 
 
 def logits_part(configs: list[str]) -> list[Row]:
-    """Two comparisons per arm and graph mode, as bench/check_logits_gpu.py and the sweep's gate make them.
-
-    "bf16": the whole model in bfloat16 against the CPU float32 engine.
-    "gate": float32 weights with attention over a bfloat16 cache, against native's PyTorch path in
-        the same setting, so only the attention backend differs.
-    """
-    model = f"random:{LOGITS_PRESET}"
-    max_len = LOGITS_SETTINGS["max_model_len"]
-    torch.set_num_threads(16)
-    cpu32 = build_model(model, 0, torch.float32, torch.device("cpu"), max_len)
-    prompts, conts = teacher_forcing_inputs(
-        seed=7, num_seqs=6, prompt_len=96, decode_steps=24, vocab_size=cpu32.config.vocab_size
-    )
-    reference = LLM(model, device="cpu", dtype="float32", shared_model=cpu32, **LOGITS_SETTINGS)
-    expected = {"bf16": reference.teacher_forced_logits(prompts, conts)}
-    del reference, cpu32
-    models = {
-        "bf16": (build_model(model, 0, torch.bfloat16, DEVICE, max_len), {"dtype": "bfloat16"}),
-        "gate": (build_model(model, 0, torch.float32, DEVICE, max_len), {"dtype": "float32",
-                                                                        "kv_cache_dtype": "bfloat16"}),
-    }
-    shared, settings = models["gate"]
-    gate_reference = LLM(model, device="cuda", backend="native", backend_options={"kernels": "torch"},
-                         shared_model=shared, **settings, **LOGITS_SETTINGS)
-    expected["gate"] = gate_reference.teacher_forced_logits(prompts, conts)
-    del gate_reference
-    # bfloat16 through the whole model is ~3e-2 off float32 on this random model whatever the attention
-    # (bench/RESULTS.md, "precision"): there a backend passes if it stays within FLOOR_SLACK of native's
-    # PyTorch path in the same dtype, the floor; the gate rows hold the fixed bar.
-    floor_llm = LLM(model, device="cuda", backend="native", backend_options={"kernels": "torch"},
-                    shared_model=models["bf16"][0], **models["bf16"][1], **LOGITS_SETTINGS)
-    floor = max(relative_error(g, e) for g, e in
-                zip(floor_llm.teacher_forced_logits(prompts, conts), expected["bf16"]))
-    del floor_llm
-    bars = {"bf16": max(MAX_REL_ERROR, FLOOR_SLACK * floor), "gate": MAX_REL_ERROR}
-    print(f"bfloat16 floor (native PyTorch path vs CPU float32): {floor:.2e}; bf16 bar {bars['bf16']:.2e}")
-    arms = [("native", "kernels=torch", {"kernels": "torch"}), ("native", "kernels=auto", {})]
+    """Both comparisons of gpu_check.logits_references per arm and graph mode."""
+    refs = logits_references()
+    arms = [("native", "kernels=torch", TORCH), ("native", "kernels=auto", {})]
     arms += [("flashinfer", config, CONFIGS[config]) for config in configs]
     rows = []
     for backend, label, options in arms:
         for graphs in (False, True):
-            for kind, (shared, settings) in models.items():
+            for kind in refs.models:
                 row = Row("logits", f"{kind} {backend} {'graphs' if graphs else 'eager'}", label)
-                engine = dict(model=model, device="cuda", backend=backend, backend_options=options,
-                              cuda_graphs=graphs, shared_model=shared, **settings, **LOGITS_SETTINGS)
-                run = functools.partial(logits_row, row, engine, expected[kind], bars[kind], prompts, conts)
-                rows.append(guarded(row, run))
+                engine = refs.engine(kind, backend, options, graphs)
+                rows.append(guarded(row, functools.partial(logits_row, row, refs, kind, engine)))
                 torch.cuda.empty_cache()
     return rows
 
 
-def logits_row(row: Row, engine: dict[str, Any], expected: list[torch.Tensor], bar: float,
-               prompts: list[list[int]], conts: list[list[int]]) -> Row:
-    llm = LLM(**engine)
-    before = llm.backend_counters()
-    got = llm.teacher_forced_logits(prompts, conts)
-    after = llm.backend_counters()
-    # Counters that moved while running: compiles or graph builds after the engine was built.
-    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    row.rel = max(relative_error(g, e) for g, e in zip(got, expected))
-    row.max_abs = max(float((g - e).abs().max()) for g, e in zip(got, expected))
-    agree = sum(int((g.argmax(-1) == e.argmax(-1)).sum()) for g, e in zip(got, expected))
-    total = sum(e.shape[0] for e in expected)
-    row.note = f"{llm.graph_mode}; argmax {agree}/{total}; counters {after}; moved while running: {moved or 'none'}"
+def logits_row(row: Row, refs: LogitsReferences, kind: str, engine: dict[str, Any]) -> Row:
+    llm, before, after = teacher_forced(row, refs, kind, engine)
+    moved = counters_moved(before, after)
+    row.note += f"; counters {after}; moved while running: {moved or 'none'}"
     # flashinfer must really run in graphs when asked (native's PyTorch path runs eagerly, as context).
     graphs_ok = not engine["cuda_graphs"] or engine["backend"] != "flashinfer" or llm.graph_mode == "cuda_graphs"
-    row.ok = row.rel <= bar and not moved and graphs_ok
-    return row
-
-
-def guarded(row: Row, run: Callable[[], Row]) -> Row:
-    """Run one case; an exception fails that case only and is printed in full."""
-    try:
-        row = run()
-    except Exception as error:  # one failing case must not hide the others
-        traceback.print_exc()
-        row.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
-    print(f"{row.part:<9} {row.case:<28} {row.config:<13} rel {row.rel:.2e} {'PASS' if row.ok else 'FAIL'}  {row.note}",
-          flush=True)
+    row.ok = row.rel <= refs.bars[kind] and not moved and graphs_ok
     return row
 
 
@@ -411,13 +342,7 @@ def main() -> None:
         rows += attention_part(configs)
     if "logits" in args.parts:
         rows += logits_part(configs)
-    print(f"\n{'part':<9} {'case':<28} {'config':<13} {'max abs':>9} {'rel err':>9}  result  "
-          f"(bar: rel <= {MAX_REL_ERROR})")
-    for row in rows:
-        print(f"{row.part:<9} {row.case:<28} {row.config:<13} {row.max_abs:>9.2e} {row.rel:>9.2e}  "
-              f"{'PASS' if row.ok else 'FAIL'}")
-    failed = sum(not row.ok for row in rows)
-    print(f"{len(rows) - failed} PASS, {failed} FAIL")
+    print_table(rows)
 
 
 if __name__ == "__main__":
