@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from collections import deque
 
-from novainfer.sequence import Sequence
+from novainfer.sequence import SamplingParams, Sequence
 
 # Block 0 is never handed out: padded batch rows (CUDA-graph padding) write their K/V there, and
 # padded block-table entries point there, so no sequence's data can be overwritten by padding.
 SCRATCH_BLOCK = 0
+
+
+def scratch_sequence(num_tokens: int, block_size: int) -> Sequence:
+    """A dummy prompt of `num_tokens` zeros whose every block is the scratch block: what warm-up and
+    CUDA-graph capture run the model on without touching any real sequence's cache."""
+    seq = Sequence([0] * num_tokens, SamplingParams())
+    seq.block_table = [SCRATCH_BLOCK] * -(-num_tokens // block_size)
+    return seq
 
 
 class BlockManager:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from novainfer.block_manager import scratch_sequence
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
-from novainfer.sequence import SamplingParams, Sequence
 
 if TYPE_CHECKING:
     from novainfer.model_runner import ModelRunner
@@ -83,9 +83,5 @@ class DecodeGraphs:
 
 def _dummy_decodes(n: int) -> SchedulerOutput:
     """n decodes of one token each, all in the scratch block: what capture runs the forward on."""
-    entries = []
-    for _ in range(n):
-        seq = Sequence([0], SamplingParams())
-        seq.block_table = [0]
-        entries.append(ScheduledSeq(seq, 1))
+    entries = [ScheduledSeq(scratch_sequence(1, 1), 1) for _ in range(n)]
     return SchedulerOutput(entries=entries, num_decodes=n)

@@ -9,13 +9,13 @@ import pluggy
 import torch
 
 from novainfer.batch import StepBatch
-from novainfer.block_manager import BlockManager
+from novainfer.block_manager import BlockManager, scratch_sequence
 from novainfer.cuda_graphs import DecodeGraphs, HookCallers
 from novainfer.models.qwen2 import Qwen2ForCausalLM, StepContext
 from novainfer.plugins import resolve_hook
 from novainfer.sampler import sample
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
-from novainfer.sequence import SamplingParams, Sequence
+from novainfer.sequence import Sequence
 
 
 class StepBuffers:
@@ -156,10 +156,10 @@ class ModelRunner:
         num_prefills = min(buf.max_seqs, -(-buf.max_tokens // max_model_len))
         num_decodes = min(buf.max_seqs - num_prefills, buf.max_tokens - num_prefills)
         prefill_tokens = buf.max_tokens - num_decodes
-        entries = [ScheduledSeq(_scratch_sequence(1, self.block_size), 1) for _ in range(num_decodes)]
+        entries = [ScheduledSeq(scratch_sequence(1, self.block_size), 1) for _ in range(num_decodes)]
         for i in range(num_prefills):
             n = prefill_tokens // num_prefills + (i < prefill_tokens % num_prefills)
-            entries.append(ScheduledSeq(_scratch_sequence(n, self.block_size), n))
+            entries.append(ScheduledSeq(scratch_sequence(n, self.block_size), n))
         self.execute(SchedulerOutput(entries=entries, num_decodes=num_decodes))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -176,10 +176,3 @@ class ModelRunner:
         sampling = [e.seq for e in out.entries if e.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return sampling, tokens.tolist(), logits
-
-
-def _scratch_sequence(num_tokens: int, block_size: int) -> Sequence:
-    """A dummy prompt of `num_tokens` zeros whose every block is the scratch block."""
-    seq = Sequence([0] * num_tokens, SamplingParams())
-    seq.block_table = [0] * -(-num_tokens // block_size)
-    return seq
