@@ -10,14 +10,28 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from novainfer.ab.compare import ArmSummary, holm_adjust, plot, render_table, summarize, welch_p_value
+from novainfer.ab.compare import (
+    ArmSummary,
+    figure,
+    holm_adjust,
+    legend_categories,
+    plot,
+    render_table,
+    summarize,
+    verdict,
+    welch_p_value,
+)
 from novainfer.ab.record import TrialRecord
 
 BASE = "backend=native"
 
 
-def _trials(arm: str, values: list[float], statuses: list[str] | None = None) -> list[TrialRecord]:
+def _trials(
+    arm: str, values: list[float], statuses: list[str] | None = None, extra: list[dict[str, float]] | None = None
+) -> list[TrialRecord]:
+    """One record per value, with the given statuses (default "ok") and extra metrics per trial."""
     statuses = statuses or ["ok"] * len(values)
+    extra = extra or [{}] * len(values)
     return [
         TrialRecord(
             sweep_id="s",
@@ -33,9 +47,10 @@ def _trials(arm: str, values: list[float], statuses: list[str] | None = None) ->
                 "phase_metadata_s": 1.0,
                 "phase_kv_write_s": 2.0 + i,
                 "phase_attention_s": 4.0,
+                **more,
             },
         )
-        for i, (value, status) in enumerate(zip(values, statuses, strict=True))
+        for i, (value, status, more) in enumerate(zip(values, statuses, extra, strict=True))
     ]
 
 
@@ -48,6 +63,29 @@ def _welch_by_hand(a: list[float], b: list[float]) -> float:
     t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))  # Welch-Satterthwaite
     return 2 * stats.t.sf(abs(t), df)
+
+
+def _logs(values: list[float]) -> list[float]:
+    return [math.log(v) for v in values]
+
+
+def _geometric_interval_by_hand(values: list[float]) -> tuple[float, float]:
+    """exp(m -+ t(0.975, n-1) * s / sqrt(n)), m and s of the logs."""
+    logs = _logs(values)
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(statistics.fmean(logs) - half), math.exp(statistics.fmean(logs) + half)
+
+
+def _repeats_by_hand(a: list[float], b: list[float]) -> tuple[int, float]:
+    """n = ceil(2 (z_0.975 + z_0.80)^2 s^2 / d^2), s pooled over the logs, d = max(|diff of log means|, log 1.02);
+    and the percentage d stands for."""
+    la, lb = _logs(a), _logs(b)
+    pooled = ((len(la) - 1) * statistics.variance(la) + (len(lb) - 1) * statistics.variance(lb)) / (
+        len(la) + len(lb) - 2
+    )
+    d = max(abs(statistics.fmean(la) - statistics.fmean(lb)), math.log(1.02))
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)
+    return math.ceil(2 * z**2 * pooled / d**2), (math.exp(d) - 1) * 100
 
 
 BASE_VALUES = [100.0, 102.0, 98.0, 101.0]
@@ -64,23 +102,45 @@ def test_known_numbers() -> None:
     fast = s["fast"]
     assert fast.median == statistics.median(FAST_VALUES) == 110.5
     assert fast.speedup == pytest.approx(110.5 / 100.5)
-    # 95% t-interval of the mean: mean +- t(0.975, n-1) * sd / sqrt(n).
-    half = stats.t.ppf(0.975, 3) * statistics.stdev(FAST_VALUES) / 2
-    assert fast.ci == pytest.approx((110.5 - half, 110.5 + half))
-    # Holm over the two compared arms: the smaller p is doubled, the larger is kept at least as large.
-    p_fast, p_noisy = _welch_by_hand(FAST_VALUES, BASE_VALUES), _welch_by_hand(NOISY_VALUES, BASE_VALUES)
+    # The geometric mean and the 95% t-interval of the logs, exponentiated.
+    assert fast.mean == pytest.approx(math.exp(statistics.fmean(_logs(FAST_VALUES))))
+    assert fast.ci == pytest.approx(_geometric_interval_by_hand(FAST_VALUES))
+    assert fast.ci != pytest.approx(_t_interval_of_mean(FAST_VALUES))  # not the old interval
+    # Welch on the logs; Holm over the two compared arms: the smaller p doubled, the larger kept >= it.
+    p_fast = _welch_by_hand(_logs(FAST_VALUES), _logs(BASE_VALUES))
+    p_noisy = _welch_by_hand(_logs(NOISY_VALUES), _logs(BASE_VALUES))
     assert p_fast < p_noisy
     assert fast.p_value == pytest.approx(2 * p_fast)
     assert s["noisy"].p_value == pytest.approx(max(2 * p_fast, p_noisy))
+    assert s["noisy"].p_value != pytest.approx(max(2 * p_fast, _welch_by_hand(NOISY_VALUES, BASE_VALUES)))
     assert fast.significant is True and s["noisy"].significant is False
     assert fast.winner and not s["noisy"].winner and not s[BASE].winner
+    assert fast.repeats_needed is None and fast.undecided is None  # decided
 
     base = s[BASE]
     assert base.is_baseline and base.speedup == 1.0 and base.significant is None and base.p_value is None
-    assert base.counts == {"ok": 4} and base.n_ok == 4
+    assert base.counts == {"ok": 4} and base.n_ok == 4 and base.n_measured == 4
+    assert base.verification == "verified" and base.repeats_needed is None
     # Phases: median seconds, and their share of the median run_seconds (10, 11, 12, 13 -> 11.5).
     assert base.phases == {"metadata": 1.0, "kv_write": 3.5, "attention": 4.0}
     assert base.phase_share("kv_write") == pytest.approx(3.5 / 11.5)
+
+
+def _t_interval_of_mean(values: list[float]) -> tuple[float, float]:
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
+
+
+def test_interval_stays_positive_at_two_repeats() -> None:
+    values = [4000.0, 700.0]
+    assert _t_interval_of_mean(values)[0] < 0  # the old interval: negative throughput
+    summaries = summarize(_trials(BASE, BASE_VALUES) + _trials("wild", values), BASE)
+    wild = _by_arm(summaries)["wild"]
+    assert wild.ci == pytest.approx(_geometric_interval_by_hand(values))
+    assert wild.ci is not None and 0 < wild.ci[0] < wild.ci[1]
+    speed_axis = figure(summaries).axes[0]
+    assert speed_axis.get_xlim()[0] == 0
+    assert speed_axis.get_xlim()[1] > wild.ci[1]  # the whole whisker is in view
 
 
 def test_welch_matches_scipy_and_handles_no_variance() -> None:
@@ -105,11 +165,74 @@ def test_flagged_arm_never_wins() -> None:
     )
     s = _by_arm(summarize(records, BASE))
     assert s["wrong"].flagged and s["mismatch"].flagged
-    assert (
-        s["wrong"].significant and s["wrong"].median == 200.0
-    )  # fastest and significant, still not the winner
+    assert s["wrong"].verification == "failed" and s["mismatch"].verification == "verified"
+    assert s["wrong"].significant and s["wrong"].median == 200.0  # fastest and significant, still not the winner
     assert not s["wrong"].winner and not s["mismatch"].winner
     assert s["fast"].winner
+
+
+def test_unverified_arm_is_shown_but_never_wins() -> None:
+    records = (
+        _trials(BASE, BASE_VALUES)
+        + _trials("peer", [300.0, 302.0, 298.0, 301.0], ["unverified"] * 4)
+        + _trials("half", [250.0, 251.0, 249.0, 250.0], ["ok", "unverified", "ok", "ok"])
+        + _trials("fast", FAST_VALUES)
+    )
+    summaries = summarize(records, BASE)
+    s = _by_arm(summaries)
+    peer = s["peer"]
+    # Measured: its numbers are shown, and compared with a verified baseline.
+    assert peer.n_ok == 0 and peer.n_measured == 4 and peer.median == 300.5
+    assert peer.ci == pytest.approx(_geometric_interval_by_hand([300.0, 302.0, 298.0, 301.0]))
+    assert peer.speedup == pytest.approx(300.5 / 100.5) and peer.significant is True
+    assert peer.verification == "unverified" and s["half"].verification == "unverified"
+    assert s["half"].n_ok == 3 and s["half"].median == 250.0  # the unverified trial counts as measured
+    # Far faster and significant, never the winner: the verified "fast" arm is.
+    assert not peer.winner and not s["half"].winner and s["fast"].winner
+    assert [x.arm for x in summaries] == [BASE, "peer", "half", "fast"]
+    text = _table_text(summaries)
+    assert "4 UNVERIFIED, never wins" in " ".join(text.split())
+    assert "UNVERIFIED" in text.split("\n peer")[1].splitlines()[0]  # the verified column
+
+
+def test_unverified_or_failed_baseline_gives_no_speedups() -> None:
+    for statuses, problem in (
+        (["unverified"] * 4, "baseline unverified"),
+        (["ok", "ok", "unverified", "ok"], "baseline unverified"),
+        (["ok", "incorrect", "ok", "ok"], "baseline failed its correctness gate"),
+        (["ok", "caliber_mismatch", "ok", "ok"], "baseline has caliber mismatches"),
+        (["failed"] * 4, "baseline has no ok trials"),
+    ):
+        records = _trials(BASE, BASE_VALUES, statuses) + _trials("fast", FAST_VALUES)
+        summaries = summarize(records, BASE)
+        for s in summaries:
+            assert s.speedup is None and s.p_value is None and s.significant is None and not s.winner
+            assert s.repeats_needed is None and s.undecided is None
+        assert _by_arm(summaries)["fast"].median == 110.5  # still measured and shown
+        assert verdict(summaries) == f"No winner: {problem}, so no speedup claims."
+        assert problem in " ".join(_table_text(summaries).split())
+
+
+def test_too_few_repeats_says_how_many_would_tell() -> None:
+    summaries = summarize(_trials(BASE, BASE_VALUES) + _trials("noisy", NOISY_VALUES), BASE)
+    noisy = _by_arm(summaries)["noisy"]
+    n, percent = _repeats_by_hand(NOISY_VALUES, BASE_VALUES)
+    assert noisy.significant is False and n > 4 and percent == pytest.approx(2.0)  # the 2% floor applies
+    assert noisy.repeats_needed == n and noisy.resolvable_pct == pytest.approx(percent)
+    expected = f"too few repeats to tell: ~{n} per arm would resolve a 2% difference at this spread"
+    assert noisy.undecided == expected
+    assert verdict(summaries) == f"No winner: noisy is {noisy.speedup:.2f}x {BASE}, {expected}."
+    assert f"~{n}/arm for 2%" in " ".join(_table_text(summaries).split())
+
+
+def test_repeats_needed_uses_the_observed_difference_and_exceeds_the_repeats_at_hand() -> None:
+    base, arm = [100.0, 110.0], [130.0, 150.0]
+    s = _by_arm(summarize(_trials(BASE, base) + _trials("arm", arm), BASE))["arm"]
+    n, percent = _repeats_by_hand(arm, base)
+    ratio = math.exp(statistics.fmean(_logs(arm)) - statistics.fmean(_logs(base)))
+    assert s.significant is False and percent == pytest.approx((ratio - 1) * 100)  # above the 2% floor
+    assert n <= 2 and s.repeats_needed == 3  # 2 each did not resolve it: at least one more
+    assert s.undecided is not None and f"resolve a {percent:.0f}% difference" in s.undecided
 
 
 def test_not_all_ok_or_too_few_trials_cannot_win() -> None:
@@ -118,12 +241,20 @@ def test_not_all_ok_or_too_few_trials_cannot_win() -> None:
         + _trials("crashy", [150.0, 151.0, 149.0, 150.0], ["ok", "ok", "ok", "failed"])
         + _trials("lonely", [300.0, 0.0], ["ok", "timeout"])
     )
-    s = _by_arm(summarize(records, BASE))
+    summaries = summarize(records, BASE)
+    s = _by_arm(summaries)
     assert s["crashy"].significant and not s["crashy"].flagged and not s["crashy"].winner
     assert s["lonely"].n_ok == 1 and s["lonely"].ci is None
     assert s["lonely"].significant is None and s["lonely"].p_value is None  # "n/a", never "yes"
     assert s["lonely"].speedup == pytest.approx(300.0 / 100.5)
+    assert s["lonely"].repeats_needed is None
+    assert s["lonely"].undecided == (
+        "too few repeats to tell: 1 measured here and 4 for the baseline, a test needs 2 on each side"
+    )
     assert not any(x.winner for x in s.values())
+    assert verdict(summaries) == (
+        f"No winner: lonely is 2.99x {BASE}, but not all its trials are ok (1 timeout); {s['lonely'].undecided}."
+    )
 
 
 def test_no_winner_without_significance_or_baseline() -> None:
@@ -131,8 +262,41 @@ def test_no_winner_without_significance_or_baseline() -> None:
     assert s["noisy"].significant is False and not s["noisy"].winner
     s = _by_arm(summarize(_trials(BASE, [100.0]) + _trials("fast", FAST_VALUES), BASE))
     assert s["fast"].significant is None and not s["fast"].winner
-    s = _by_arm(summarize(_trials("fast", FAST_VALUES), "missing"))
-    assert s["fast"].speedup is None and not s["fast"].winner
+    summaries = summarize(_trials("fast", FAST_VALUES), "missing")
+    assert summaries[0].speedup is None and not summaries[0].winner
+    assert verdict(summaries) == "No winner: no baseline among the trials, so no speedup claims."
+
+
+def test_gate_coverage_and_caliber() -> None:
+    def gate(checked: dict[str, int], err: float, off: int) -> dict[str, float]:
+        metrics = {"max_rel_err": err, "requests_off": off}
+        for kind, n in checked.items():
+            metrics |= {f"gate.{kind}.run_steps": 10, f"gate.{kind}.checked": n, f"gate.{kind}.max_rel_err": err}
+        return metrics
+
+    extra = [
+        gate({"prefill": 3, "decode": 5, "decode-b8": 0}, 1e-3, 0),  # decode-b8 ran, unchecked: 2 kinds
+        gate({"prefill": 3, "decode": 5, "decode-b8": 2}, 3e-3, 0),
+    ]
+    extra[1]["gate.decode.max_rel_err"] = 4e-3  # a kind's error worse than the trial's overall one
+    wrong = [gate({"prefill": 3}, 0.5, 2), gate({"prefill": 3}, 1e-3, 1)]
+    nan = [gate({"prefill": 3}, 1e-3, 0), gate({"prefill": 3}, math.nan, 0)]
+    records = (
+        _trials(BASE, [100.0, 101.0], extra=extra)
+        + _trials("wrong", [100.0, 101.0], ["incorrect", "ok"], extra=wrong)
+        + _trials("plain", [100.0, 101.0])
+        + _trials("nan", [100.0, 101.0], ["ok", "incorrect"], extra=nan)
+    )
+    summaries = summarize(records, BASE)
+    s = _by_arm(summaries)
+    assert (s[BASE].gate_kinds, s[BASE].gate_max_rel_err, s[BASE].requests_off) == (2, 4e-3, 0)
+    assert s["wrong"].verification == "failed" and s["wrong"].gate_max_rel_err == 0.5
+    assert s["wrong"].gate_kinds == 1 and s["wrong"].requests_off == 3
+    assert (s["plain"].gate_kinds, s["plain"].gate_max_rel_err, s["plain"].requests_off) == (None, None, None)
+    rows = {line.split()[0]: line for line in _table_text(summaries).splitlines() if line.strip()}
+    assert "yes 2k 4e-3" in rows[BASE] and "0 off" in rows[BASE]
+    assert "FAILED 5e-1" in rows["wrong"] and "3 off" in rows["wrong"]
+    assert math.isnan(s["nan"].gate_max_rel_err or 0.0) and "FAILED nan" in rows["nan"]  # NaN is the worst
 
 
 def _mixed_summaries() -> list[ArmSummary]:
@@ -140,18 +304,38 @@ def _mixed_summaries() -> list[ArmSummary]:
         _trials(BASE + ",block_size=16", BASE_VALUES)
         + _trials("backend=flashinfer,block_size=16,cuda_graphs=true", FAST_VALUES)
         + _trials("backend=triton,block_size=32", [200.0, 201.0, 199.0], ["ok", "incorrect", "ok"])
+        + _trials("backend=vllm", [2339.0, 2100.0], ["unverified", "unverified"])
         + _trials("backend=broken", [0.0, 0.0], ["failed", "failed"])
     )
     return summarize(records, BASE + ",block_size=16")
 
 
+def _table_text(summaries: list[ArmSummary], width: int = 100) -> str:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(render_table(summaries))
+    return console.export_text()
+
+
 def test_table_fits_100_columns() -> None:
-    console = Console(width=100, record=True, color_system=None)
-    console.print(render_table(_mixed_summaries()))
-    text = console.export_text()
+    text = _table_text(_mixed_summaries())
     assert max(len(line) for line in text.splitlines()) <= 100
     for expected in ("WINNER", "FLAGGED", "1 incorrect", "2 failed", "base", "n/a", "110.5", "1.100x"):
         assert expected in text
+    assert "2 UNVERIFIED, never wins" in " ".join(text.split())
+    assert text.rstrip().endswith("WINNER.")  # the verdict closes the caption
+    wide = _table_text(_mixed_summaries(), width=180)
+    assert "backend=flashinfer,block_size=16,cuda_graphs=true" in wide  # labels are never cut
+
+
+def test_legend_lists_only_the_categories_present() -> None:
+    plain = summarize(_trials(BASE, BASE_VALUES) + _trials("noisy", NOISY_VALUES), BASE)
+    assert legend_categories(plain) == ["baseline", "arm"]
+    mixed = _mixed_summaries()
+    assert legend_categories(mixed) == ["baseline", "arm", "winner", "unverified", "flagged"]
+    labels = [text.get_text() for text in figure(plain).legends[0].get_texts()]
+    assert labels == ["baseline", "arm", "metadata", "kv write", "attention", "other"]
+    labels = [text.get_text() for text in figure(mixed).legends[0].get_texts()]
+    assert "unverified (never wins)" in labels and "flagged (never wins)" in labels and "winner" in labels
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:

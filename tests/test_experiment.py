@@ -187,8 +187,10 @@ def load_error(tmp_path: Path, text: str) -> ExperimentError:
          "matches 2 arms (name more axes to pick one)"),
         (variant("repeats = 2", "repeats = 2\nwarmup_seqs = 5"), "sweep.warmup_seqs", "at most workload.num_seqs (4)"),
         (variant("repeats = 2", "repeats = 2\ntrial_timeout_s = 0"), "sweep.trial_timeout_s", "must be > 0"),
-        (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nprompt_len = 120"), "sweep.correctness",
-         "prompt_len 120 + decode_steps 16 exceeds max_model_len 128"),
+        (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nsteps_per_kind = 0"),
+         "sweep.correctness.steps_per_kind", "must be >= 1, got 0"),
+        (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nprompt_len = 64"),
+         "sweep.correctness.prompt_len", "unknown key; known keys: enabled, max_rel_err, floor_margin, steps_per_kind"),
         (variant("num_seqs = 4", 'name = "my sweep"\nnum_seqs = 4'), "workload.name",
          "use only letters, digits, '.', '_' and '-', got 'my sweep'"),
         (variant("output_len = [8, 32]", "output_len = 32"), "workload.output_len", "expected [lo, hi]"),
@@ -302,7 +304,7 @@ def test_defaults_and_flat_params(tmp_path: Path) -> None:
     sweep = experiment.sweep
     assert (sweep.order, sweep.trial_timeout_s, sweep.warmup_seqs) == ("interleaved", 1800.0, 4)  # min(4, 8)
     assert sweep.correctness.model_dump() == {
-        "enabled": True, "num_seqs": 4, "prompt_len": 64, "decode_steps": 16, "max_rel_err": 1e-2
+        "enabled": True, "max_rel_err": 1e-2, "floor_margin": 2.0, "steps_per_kind": 1
     }
     assert (experiment.mlflow.experiment, experiment.mlflow.tracking_uri) == ("nova-ab", None)
     params = experiment.flat_params()

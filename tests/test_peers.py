@@ -60,11 +60,6 @@ kv_cache_dtype = "bfloat16"
 [[sweep.peers]]
 peer = "transformers"
 attn_implementation = "flash_attention_2"
-
-[sweep.correctness]
-num_seqs = 2
-prompt_len = 16
-decode_steps = 4
 """
 
 

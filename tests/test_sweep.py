@@ -78,11 +78,6 @@ repeats = {repeats}
 trial_timeout_s = {timeout_s}
 warmup_seqs = 1
 axes = {{ backend = {json.dumps(backends)} }}
-
-[sweep.correctness]
-num_seqs = 2
-prompt_len = 16
-decode_steps = 4
 {extra}
 """
     )

@@ -40,7 +40,7 @@ class DecodeGraphs:
         self.buckets = decode_buckets(runner.buffers.max_seqs)
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, hidden)
         if capture:
             self._capture_all()
 
@@ -51,14 +51,19 @@ class DecodeGraphs:
             return None
         return next(b for b in self.buckets if b >= n)
 
-    def run(self, batch: Any) -> torch.Tensor:
-        """Logits [bucket, vocab] of a padded decode batch (rows past the real ones are garbage)."""
+    def run(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [bucket, vocab], hidden states [bucket, hidden]) of a padded decode batch; rows past the
+        real ones are garbage."""
         metadata = self.runner.prepare_metadata(batch=batch)  # outside the graph: backends may re-plan
         size = batch.num_seqs
         if not self.capture:
-            return self.runner.forward(batch, metadata, self.hooks)
+            return self._forward(batch, metadata)
         self.graphs[size].replay()
         return self.outputs[size]
+
+    def _forward(self, batch: Any, metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.runner.forward(batch, metadata, self.hooks)
+        return self.runner.logits(batch, hidden), hidden
 
     def _capture_all(self) -> None:
         pool = None
@@ -71,11 +76,11 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.runner.forward(batch, metadata, self.hooks)
+                    self._forward(batch, metadata)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.runner.forward(batch, metadata, self.hooks)
+                self.outputs[size] = self._forward(batch, metadata)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()

@@ -70,7 +70,8 @@ class LLM:
     `plugins` are registered in-process beside the installed ones; `observers` are hook wrappers
     (see novainfer.observers) registered with the engine's plugin manager. `shared_model` reuses
     another engine's weights (same model, dtype and device), so a reference engine for a
-    correctness check costs no second copy.
+    correctness check costs no second copy. `warm_up=False` skips the dummy step at the largest
+    shape (and its re-run after graph capture): for an engine that checks numbers, not one that is timed.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class LLM:
         plugins: Seq[object] = (),
         observers: Seq[object] = (),
         shared_model: Qwen2ForCausalLM | None = None,
+        warm_up: bool = True,
         **settings: Any,
     ) -> None:
         self.config = EngineConfig(model=model, **settings)
@@ -115,9 +117,10 @@ class LLM:
             self.model, self.kv_caches, self.block_manager, self.pm, cfg.max_num_seqs,
             cfg.max_num_batched_tokens, cfg.max_model_len, self.device,
         )
-        self.runner.warm_up(cfg.max_model_len)  # before capture: the graphs' pool comes after the peak
+        if warm_up:
+            self.runner.warm_up(cfg.max_model_len)  # before capture: the graphs' pool comes after the peak
         self.graph_mode = self._setup_cuda_graphs()
-        if self.graph_mode == "cuda_graphs":
+        if warm_up and self.graph_mode == "cuda_graphs":
             # torch.cuda.graph empties the allocator's cache as it starts capturing, which gave the
             # peak step's memory back to the device: the run's first large step would map it again
             # (bench/mallocs_gpu.py saw 3 segments, 1.1 GiB, in the headline run's first step).

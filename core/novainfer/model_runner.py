@@ -138,10 +138,13 @@ class ModelRunner:
         )
 
     def forward(self, batch: StepBatch, metadata: Any, hooks: HookCallers | None = None) -> torch.Tensor:
-        """Logits [len(logits_indices), vocab] of one prepared step."""
+        """Final hidden states [num_tokens, hidden] of one prepared step, every token row."""
         write_kv, attention = hooks or (self.write_kv, self.attention)
         step = StepContext(metadata, batch.slot_mapping, self.kv_caches, write_kv, attention)
-        hidden = self.model(batch.input_ids, batch.positions, step)
+        return self.model(batch.input_ids, batch.positions, step)
+
+    def logits(self, batch: StepBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [len(logits_indices), vocab] of the rows that sample."""
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def warm_up(self, max_model_len: int) -> None:
@@ -164,15 +167,21 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], torch.Tensor]:
-        """Run one step: the sequences that sampled, their new tokens, and their logits [S, vocab]."""
+    def run(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one step: (logits [S, vocab] of the sequences that sample, in entry order; hidden states of
+        every token row, [num_tokens, hidden]). A graph-replayed step's tensors are the graph's static outputs,
+        valid until the next replay, and have padded rows past the real ones."""
         bucket = self.graphs.bucket_for(out) if self.graphs is not None else None
         if bucket is not None:
-            batch = self.prepare(out, pad_to=bucket)
-            logits = self.graphs.run(batch)[: len(out.entries)]
-        else:
-            batch = self.prepare(out)
-            logits = self.forward(batch, self.prepare_metadata(batch=batch))
+            logits, hidden = self.graphs.run(self.prepare(out, pad_to=bucket))
+            return logits[: len(out.entries)], hidden
+        batch = self.prepare(out)
+        hidden = self.forward(batch, self.prepare_metadata(batch=batch))
+        return self.logits(batch, hidden), hidden
+
+    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], torch.Tensor]:
+        """Run one step: the sequences that sampled, their new tokens, and their logits [S, vocab]."""
+        logits, _ = self.run(out)
         sampling = [e.seq for e in out.entries if e.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return sampling, tokens.tolist(), logits

@@ -1,21 +1,35 @@
 """The comparison of a sweep's arms: summary statistics, the verdict, a table and a plot.
 
-Statistics, all over an arm's "ok" trials only (the other statuses are counted, never measured):
+Statistics, all over an arm's measured trials ("ok" and "unverified": they ran the whole workload to the
+right lengths; the other statuses are counted, never measured):
 - headline: the median of output_tok_s (robust to one slow repeat);
-- 95% interval: Student's t-interval of the mean, mean +- t(0.975, n-1) * s / sqrt(n). With the 3 to 10
-  repeats a sweep has, a bootstrap of the median is too coarse (it can only return observed values)
-  and distribution-free intervals of the median cannot reach 95% below 6 samples; the t-interval is
-  defined from n = 2 and is the interval that matches the test below;
+- 95% interval: Student's t-interval of log(tok/s), exponentiated: an interval of the geometric mean,
+  exp(m +- t(0.975, n-1) * s / sqrt(n)) with m, s the mean and standard deviation of the logs. It is
+  always above 0, where the interval of the plain mean spans negative throughput with 2 repeats. With the
+  3 to 10 repeats a sweep has, a bootstrap of the median is too coarse (it can only return observed
+  values) and distribution-free intervals of the median cannot reach 95% below 6 samples;
 - speedup: median of the arm / median of the baseline;
-- significance: Welch's two-sided t-test of the arm against the baseline (unequal variances), with
-  Holm's correction over all the arms compared in the sweep, significant when the adjusted p < 0.05.
-  Without the correction, a sweep of 20 arms that are all equal would show some arm as significantly
-  different about two times in three (1 - 0.95^20). With fewer than 2 ok trials on either side there
-  is no test: "n/a", never "yes".
+- significance: Welch's two-sided t-test of log(tok/s) of the arm against the baseline (a test of the
+  ratio of geometric means, i.e. of the speedup), with Holm's correction over all the arms compared in
+  the sweep, significant when the adjusted p < 0.05. Without the correction, a sweep of 20 arms that are
+  all equal would show some arm as significantly different about two times in three (1 - 0.95^20). With
+  fewer than 2 measured trials on either side there is no test: "n/a", never "yes";
+- "too few repeats to tell": for an arm the test cannot tell from the baseline, the repeats per arm that
+  would resolve the difference at the observed spread, by the normal approximation at 80% power and a
+  two-sided 5% level (before Holm): n = ceil(2 (z_0.975 + z_0.80)^2 s^2 / d^2), s the pooled standard
+  deviation of the two arms' logs, d = max(|log r|, log 1.02) with r the ratio of geometric means (the
+  quantity the test is about): the observed difference, never finer than 2%; and never fewer than one
+  more than the arms have, since those did not resolve it (the approximation undershoots at small n).
+
+Verification: an arm is "verified" when every measured trial is "ok" (its correctness gate passed),
+"unverified" when some measured trial is "unverified" (no gate ran), "failed" when some trial is
+"incorrect" (this wins over the other two), "unmeasured" when no trial was measured. An unverified arm's
+numbers, speedup and p-value are shown, but it never wins. Speedup claims need a baseline that is verified
+and not flagged: otherwise no arm gets a speedup, p-value or significance, and the caption says why.
 
 An arm with any "incorrect" or "caliber_mismatch" trial is flagged: its numbers are shown, but it can
 never win. The winner is the fastest arm (by median) whose trials are all "ok", that is significantly
-faster than the baseline; there may be none.
+faster than the baseline (speedup > 1 and a higher geometric mean); there may be none.
 """
 
 from __future__ import annotations
@@ -28,47 +42,74 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from novainfer.ab.record import RANKABLE, TrialRecord
+from novainfer.ab.record import FLAG_STATUSES, MEASURED, RANKABLE, TrialRecord, gate_coverage
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HEADLINE = "output_tok_s"
 PHASES = ("metadata", "kv_write", "attention")  # metric phase_<name>_s
-FLAG_STATUSES = ("incorrect", "caliber_mismatch")
 ALPHA = 0.05
 CONFIDENCE = 0.95
+POWER = 0.80  # of the "repeats needed" estimate
+FINEST_RATIO = 1.02  # the smallest difference the "repeats needed" estimate aims at
+
+Verification = Literal["verified", "unverified", "failed", "unmeasured"]
 
 
 @dataclass
 class ArmSummary:
-    """One arm of a sweep, summarized (all numbers over its "ok" trials; None when there are none).
+    """One arm of a sweep, summarized (numbers over its measured trials; None when there are none).
 
-    counts: trials by status.
-    median, mean: of output tok/s. ci: the 95% t-interval of the mean (None with fewer than 2).
-    speedup: median / the baseline's median.
-    p_value: Welch's t-test against the baseline, Holm-adjusted; None when untested.
+    counts: trials by status. n_ok: "ok" trials; n_measured: "ok" and "unverified" trials.
+    median: of output tok/s. mean: the geometric mean of output tok/s. ci: the 95% t-interval of
+        log(tok/s), exponentiated, (lo, hi) with lo > 0; None with fewer than 2 measured trials.
+    speedup: median / the baseline's median; None when the baseline cannot carry claims.
+    p_value: Welch's t-test of log(tok/s) against the baseline, Holm-adjusted; None when untested.
     significant: p_value < 0.05; None ("n/a") when untested, and for the baseline itself.
+    repeats_needed, resolvable_pct: when the test cannot tell the arm from the baseline, the repeats per
+        arm that would resolve a difference of resolvable_pct percent at the observed spread.
+    undecided: that verdict in plain words ("too few repeats to tell: ..."), or what is missing for one
+        (a side with fewer than 2 measured trials, no spread at all); None when decided or not compared.
     phases: median seconds of each phase in PHASES; run_seconds: median run_seconds.
     flagged: some trial was "incorrect" or "caliber_mismatch".
+    verification: "verified", "unverified", "failed" or "unmeasured" (see the module's docstring).
+    gate_kinds: step kinds the gate checked (checked > 0), the fewest over the ok trials that report
+        coverage: what every verified trial vouches for. None without coverage metrics.
+    gate_max_rel_err: the worst max_rel_err (overall or per kind) over all the arm's trials that have it;
+        NaN when any is NaN.
+    requests_off: total requests whose output length differed from the drawn one, over the trials that
+        report it; None when none does.
     """
 
     arm: str
     is_baseline: bool
     counts: dict[str, int]
     n_ok: int
+    n_measured: int
     median: float | None
     mean: float | None
     ci: tuple[float, float] | None
     speedup: float | None = None
     p_value: float | None = None
     significant: bool | None = None
+    repeats_needed: int | None = None
+    resolvable_pct: float | None = None
+    undecided: str | None = None
     phases: dict[str, float | None] = field(default_factory=dict)
     run_seconds: float | None = None
     flagged: bool = False
+    verification: Verification = "unmeasured"
+    gate_kinds: int | None = None
+    gate_max_rel_err: float | None = None
+    requests_off: int | None = None
     winner: bool = False
 
     @property
@@ -93,19 +134,22 @@ def summarize(records: Iterable[TrialRecord], baseline_arm: str) -> list[ArmSumm
     for record in sorted(records, key=lambda r: r.order):
         by_arm.setdefault(record.arm, []).append(record)
     summaries = {arm: _summarize_arm(arm, trials, arm == baseline_arm) for arm, trials in by_arm.items()}
-    samples = {arm: _ok_values(trials, HEADLINE) for arm, trials in by_arm.items()}
+    logs = {arm: [math.log(v) for v in _measured_values(trials, HEADLINE)] for arm, trials in by_arm.items()}
 
     baseline = summaries.get(baseline_arm)
-    if baseline is not None:
+    if baseline is not None and baseline_problem(baseline) is None and baseline.median:
         raw: dict[str, float] = {}
         for arm, summary in summaries.items():
-            if summary.median is not None and baseline.median:
+            if summary.median is not None:
                 summary.speedup = summary.median / baseline.median
-            if arm != baseline_arm and len(samples[arm]) >= 2 and len(samples[baseline_arm]) >= 2:
-                raw[arm] = welch_p_value(samples[arm], samples[baseline_arm])
+            if arm != baseline_arm and len(logs[arm]) >= 2 and len(logs[baseline_arm]) >= 2:
+                raw[arm] = welch_p_value(logs[arm], logs[baseline_arm])
         for arm, p in holm_adjust(raw).items():
             summaries[arm].p_value = p
             summaries[arm].significant = p < ALPHA
+        for arm, summary in summaries.items():
+            if arm != baseline_arm and summary.median is not None and not summary.significant:
+                _resolve(summary, logs[arm], logs[baseline_arm])
         candidates = [
             s
             for s in summaries.values()
@@ -124,6 +168,21 @@ def summarize(records: Iterable[TrialRecord], baseline_arm: str) -> list[ArmSumm
         summaries.values(),
         key=lambda s: (not s.is_baseline, s.median is None, -(s.median or 0.0)),
     )
+
+
+def baseline_problem(baseline: ArmSummary | None) -> str | None:
+    """Why the baseline cannot carry speedup claims (a short phrase), or None when it can."""
+    if baseline is None:
+        return "no baseline among the trials"
+    if baseline.verification == "unverified":
+        return "baseline unverified"
+    if baseline.verification == "failed":
+        return "baseline failed its correctness gate"
+    if baseline.flagged:
+        return "baseline has caliber mismatches"
+    if baseline.n_ok == 0:
+        return "baseline has no ok trials"
+    return None
 
 
 def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
@@ -145,34 +204,123 @@ def holm_adjust(p_values: dict[str, float]) -> dict[str, float]:
     return adjusted
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Student's t confidence interval of the mean (needs 2 or more values)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return mean - half, mean + half
+def geometric_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The t confidence interval of the geometric mean: of log(values), exponentiated (needs 2 or more
+    positive values). Always above 0, and asymmetric the way a ratio's uncertainty is."""
+    logs = [math.log(v) for v in values]
+    half = stats.t.ppf((1 + confidence) / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.fmean(logs)
+    return math.exp(mean - half), math.exp(mean + half)
+
+
+def verdict(summaries: Sequence[ArmSummary]) -> str:
+    """The sweep's answer in one or two plain sentences: the winner and by how much, or why there is none."""
+    baseline = next((s for s in summaries if s.is_baseline), None)
+    problem = baseline_problem(baseline)
+    if problem is not None or baseline is None:
+        return f"No winner: {problem}, so no speedup claims."
+    winner = next((s for s in summaries if s.winner), None)
+    if winner is not None and winner.speedup is not None:
+        return (
+            f"{winner.arm} is {winner.speedup:.2f}x {baseline.arm} ({_num(winner.median)} tok/s, "
+            f"95% interval {_interval(winner)}), significant after Holm ({_p(winner.p_value)}): WINNER."
+        )
+    others = [s for s in summaries if not s.is_baseline and s.speedup is not None]
+    if not others:
+        return f"No winner: no arm besides the baseline {baseline.arm} has a measured trial."
+    best = max(others, key=lambda s: s.median or 0.0)
+    return f"No winner: {best.arm} is {best.speedup:.2f}x {baseline.arm}, {_why_not_winner(best)}."
+
+
+def _why_not_winner(s: ArmSummary) -> str:
+    reasons = []
+    if s.flagged:
+        reasons.append("but FLAGGED (incorrect or caliber mismatch) and never wins")
+    elif s.verification == "unverified":
+        reasons.append("but UNVERIFIED (no correctness gate ran) and never wins")
+    elif not s.all_ok:
+        others = ", ".join(f"{n} {status}" for status, n in sorted(s.counts.items()) if status not in RANKABLE)
+        reasons.append(f"but not all its trials are ok ({others})")
+    if s.undecided is not None:
+        reasons.append(s.undecided)
+    return "; ".join(reasons) or "significantly slower: no arm beats the baseline"
+
+
+def _resolve(summary: ArmSummary, arm_logs: list[float], base_logs: list[float]) -> None:
+    """Set what it would take to tell the arm from the baseline (the test could not)."""
+    if len(arm_logs) < 2 or len(base_logs) < 2:
+        summary.undecided = (
+            f"too few repeats to tell: {len(arm_logs)} measured here and {len(base_logs)} for the baseline, "
+            "a test needs 2 on each side"
+        )
+        return
+    dof = len(arm_logs) + len(base_logs) - 2
+    pooled_var = (
+        (len(arm_logs) - 1) * statistics.variance(arm_logs) + (len(base_logs) - 1) * statistics.variance(base_logs)
+    ) / dof
+    if pooled_var == 0:
+        summary.undecided = "no spread between repeats and no difference: nothing to resolve"
+        return
+    d = max(abs(statistics.fmean(arm_logs) - statistics.fmean(base_logs)), math.log(FINEST_RATIO))
+    z = stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(POWER)
+    # Never fewer than one more than the arms have: these did not resolve it (the normal approximation
+    # undershoots at small n, where the t distribution's tails are wide).
+    summary.repeats_needed = max(math.ceil(2 * z**2 * pooled_var / d**2), max(len(arm_logs), len(base_logs)) + 1)
+    summary.resolvable_pct = (math.exp(d) - 1) * 100
+    summary.undecided = (
+        f"too few repeats to tell: ~{summary.repeats_needed} per arm would resolve "
+        f"a {_pct(summary.resolvable_pct)}% difference at this spread"
+    )
 
 
 def _summarize_arm(arm: str, trials: list[TrialRecord], is_baseline: bool) -> ArmSummary:
-    values = _ok_values(trials, HEADLINE)
+    values = _measured_values(trials, HEADLINE)
     counts = Counter(t.status for t in trials)
-    run_seconds = _ok_values(trials, "run_seconds")
+    coverage = [gate_coverage(t.metrics) for t in trials if t.status in RANKABLE]
+    kinds = [sum(1 for c in kind.values() if c.get("checked", 0) > 0) for kind in coverage if kind]
+    errors = [
+        err
+        for t in trials
+        for err in (t.metrics.get("max_rel_err"), *(c.get("max_rel_err") for c in gate_coverage(t.metrics).values()))
+        if err is not None
+    ]
+    off = [t.metrics["requests_off"] for t in trials if "requests_off" in t.metrics]
     return ArmSummary(
         arm=arm,
         is_baseline=is_baseline,
         counts=dict(counts),
-        n_ok=sum(1 for t in trials if t.status in RANKABLE),
-        median=statistics.median(values) if values else None,
-        mean=statistics.fmean(values) if values else None,
-        ci=t_interval(values) if len(values) >= 2 else None,
-        phases={p: _median_or_none(_ok_values(trials, f"phase_{p}_s")) for p in PHASES},
-        run_seconds=_median_or_none(run_seconds),
+        n_ok=sum(counts[s] for s in RANKABLE),
+        n_measured=len(values),
+        median=_median_or_none(values),
+        mean=statistics.geometric_mean(values) if values else None,
+        ci=geometric_interval(values) if len(values) >= 2 else None,
+        phases={p: _median_or_none(_measured_values(trials, f"phase_{p}_s")) for p in PHASES},
+        run_seconds=_median_or_none(_measured_values(trials, "run_seconds")),
         flagged=any(counts[s] for s in FLAG_STATUSES),
+        verification=_verification(counts),
+        gate_kinds=min(kinds) if kinds else None,
+        gate_max_rel_err=_worst(errors),
+        requests_off=int(sum(off)) if off else None,
     )
 
 
-def _ok_values(trials: Iterable[TrialRecord], metric: str) -> list[float]:
-    return [t.metrics[metric] for t in trials if t.status in RANKABLE and metric in t.metrics]
+def _worst(errors: list[float]) -> float | None:
+    """The largest error, NaN when any is NaN (the gate fails NaN; max() would depend on the order)."""
+    if not errors:
+        return None
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def _verification(counts: Counter[str]) -> Verification:
+    if counts["incorrect"]:
+        return "failed"
+    if any(counts[s] for s in MEASURED if s not in RANKABLE):
+        return "unverified"
+    return "verified" if any(counts[s] for s in RANKABLE) else "unmeasured"
+
+
+def _measured_values(trials: Iterable[TrialRecord], metric: str) -> list[float]:
+    return [t.metrics[metric] for t in trials if t.status in MEASURED and metric in t.metrics]
 
 
 def _median_or_none(values: list[float]) -> float | None:
@@ -189,13 +337,20 @@ def console() -> Console:
 
 
 def render_table(summaries: Sequence[ArmSummary]) -> Table:
-    """A table of the summaries, readable in a 100-column terminal (notes go under the arm's label)."""
+    """A table of the summaries, readable in a 100-column terminal (notes go under the arm's label).
+
+    The caption explains the columns and ends with the verdict (see verdict), so that every caller that
+    prints the table prints the answer too.
+    """
+    caption = (
+        "n: measured trials (ok + unverified) of all. 95% CI: t-interval of log tok/s (geometric mean). "
+        "sig. (p): Welch t-test on log tok/s vs the baseline, Holm-adjusted p < 0.05. verified: the gate "
+        "passed (or FAILED), step kinds (k) it checked, worst relative error. caliber: requests off their length. "
+        "phases: share of the run in metadata/kv write/attention."
+    )
     table = Table(
         title=f"Median {HEADLINE} by arm",
-        caption=(
-            "95% CI: t-interval of the mean. sig. (p): Welch t-test vs the baseline, Holm-adjusted p < 0.05. "
-            "Phases: median seconds and share of the run."
-        ),
+        caption=f"{caption}\n{verdict(summaries)}",
         caption_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -203,24 +358,27 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
         collapse_padding=True,
     )
     table.add_column("arm", overflow="fold", min_width=16)
-    table.add_column("ok", justify="right", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("95% CI", justify="right", no_wrap=True)
     table.add_column("speedup", justify="right", no_wrap=True)
     table.add_column("sig. (p)", no_wrap=True)
-    for phase in PHASES:
-        table.add_column(phase.replace("_", " "), justify="right", no_wrap=True)
+    table.add_column("verified", no_wrap=True)
+    table.add_column("caliber", justify="right", no_wrap=True)
+    table.add_column("phases", justify="right", no_wrap=True)
     for s in summaries:
         notes = _notes(s)
         table.add_row(
             s.arm + (f"\n  {notes}" if notes else ""),
-            f"{s.n_ok}/{s.n_trials}",
+            f"{s.n_measured}/{s.n_trials}",
             _num(s.median),
-            f"{_num(s.ci[0])}-{_num(s.ci[1])}" if s.ci else "-",
+            _interval(s),
             f"{s.speedup:.3f}x" if s.speedup is not None else "-",
             _significance(s),
-            *(_phase_cell(s, p) for p in PHASES),
-            style="bold green" if s.winner else "red" if s.flagged else None,
+            _verified_cell(s),
+            f"{s.requests_off} off" if s.requests_off is not None else "-",
+            _phases_cell(s),
+            style="bold green" if s.winner else "red" if s.flagged else "yellow" if _unverified(s) else None,
         )
     return table
 
@@ -229,6 +387,18 @@ def _num(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def _interval(s: ArmSummary) -> str:
+    return f"{_num(s.ci[0])}-{_num(s.ci[1])}" if s.ci else "-"
+
+
+def _pct(percent: float) -> str:
+    return f"{percent:.0f}" if percent >= 10 else f"{percent:.2g}"
+
+
+def _p(p: float | None) -> str:
+    return "p n/a" if p is None else "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
 
 
 def _significance(s: ArmSummary) -> str:
@@ -240,11 +410,28 @@ def _significance(s: ArmSummary) -> str:
     return f"{'yes' if s.significant else 'no'} {p}"
 
 
-def _phase_cell(s: ArmSummary, phase: str) -> str:
-    seconds, share = s.phases.get(phase), s.phase_share(phase)
-    if seconds is None:
+def _unverified(s: ArmSummary) -> bool:
+    return s.verification == "unverified"
+
+
+def _verified_cell(s: ArmSummary) -> str:
+    if s.verification == "unmeasured":
         return "-"
-    return f"{seconds:.3g}s" + (f" {share:.0%}" if share is not None else "")
+    if _unverified(s):
+        return "UNVERIFIED"
+    text = "yes" if s.verification == "verified" else "FAILED"
+    if s.gate_kinds is not None and s.verification == "verified":
+        text += f" {s.gate_kinds}k"
+    if s.gate_max_rel_err is not None:
+        text += " " + f"{s.gate_max_rel_err:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    return text
+
+
+def _phases_cell(s: ArmSummary) -> str:
+    shares = [s.phase_share(p) for p in PHASES]
+    if all(share is None for share in shares):
+        return "-"
+    return "/".join("-" if share is None else f"{share:.0%}".removesuffix("%") for share in shares) + "%"
 
 
 def _notes(s: ArmSummary) -> str:
@@ -255,43 +442,81 @@ def _notes(s: ArmSummary) -> str:
         notes.append("baseline")
     if s.flagged:
         notes.append("FLAGGED, never wins")
-    notes.extend(f"{n} {status}" for status, n in sorted(s.counts.items()) if status not in RANKABLE)
+    if _unverified(s):
+        notes.append(f"{s.counts['unverified']} UNVERIFIED, never wins")
+    notes.extend(f"{n} {status}" for status, n in sorted(s.counts.items()) if status not in MEASURED)
+    if s.repeats_needed is not None and s.resolvable_pct is not None:
+        notes.append(f"too few repeats to tell: ~{s.repeats_needed}/arm for {_pct(s.resolvable_pct)}%")
+    elif s.undecided is not None:
+        notes.append(s.undecided)
     return ", ".join(notes)
 
 
+# Bar colour, hatch and legend label of each kind of arm in the PNG, in legend order.
+CATEGORIES: dict[str, tuple[str, str, str]] = {
+    "baseline": ("tab:gray", "", "baseline"),
+    "arm": ("tab:blue", "", "arm"),
+    "winner": ("tab:green", "", "winner"),
+    "unverified": ("gold", "..", "unverified (never wins)"),
+    "flagged": ("tab:red", "//", "flagged (never wins)"),
+}
+
+
+def category(s: ArmSummary) -> str:
+    """The arm's kind in the PNG (a key of CATEGORIES): a flag or a missing gate shows even on the baseline."""
+    if s.winner:
+        return "winner"
+    if s.flagged:
+        return "flagged"
+    if _unverified(s):
+        return "unverified"
+    return "baseline" if s.is_baseline else "arm"
+
+
+def legend_categories(summaries: Sequence[ArmSummary]) -> list[str]:
+    """The categories that occur among the arms, in CATEGORIES' order: the legend lists only these."""
+    present = {category(s) for s in summaries}
+    return [name for name in CATEGORIES if name in present]
+
+
 def plot(summaries: Sequence[ArmSummary], path: str | Path, title: str = "nova-ab sweep") -> Path:
-    """Write a PNG: median tok/s per arm with the mean's 95% interval, and the median phase breakdown."""
-    # Figure + Agg canvas directly rather than pyplot: no global backend state, safe without a display.
+    """Write a PNG: median tok/s per arm with the geometric mean's 95% interval, and the median phase
+    breakdown."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    fig = figure(summaries, title)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def figure(summaries: Sequence[ArmSummary], title: str = "nova-ab sweep") -> Figure:
+    """The comparison's figure: a Figure, not pyplot, so no global backend state and no display needed."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    path = Path(path)
     n = len(summaries)
-    labels = [textwrap.shorten(s.arm, 48, placeholder="...") for s in summaries]
+    labels = [_wrap_label(s.arm) for s in summaries]
     y = list(range(n))
     fig = Figure(figsize=(11, 2.2 + 0.5 * max(n, 1)), layout="constrained")
-    FigureCanvasAgg(fig)
     speed, phases = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
 
-    colors = [
-        "tab:green" if s.winner else "tab:red" if s.flagged else "tab:gray" if s.is_baseline else "tab:blue"
-        for s in summaries
-    ]
+    styles = [CATEGORIES[category(s)] for s in summaries]
     speed.barh(
         y,
         [s.median or 0.0 for s in summaries],
-        color=colors,
-        hatch=["//" if s.flagged else "" for s in summaries],
+        color=[colour for colour, _, _ in styles],
+        hatch=[hatch for _, hatch, _ in styles],
         edgecolor="black",
         linewidth=0.5,
     )
-    with_ci = [(i, s) for i, s in enumerate(summaries) if s.ci is not None and s.mean is not None]
+    with_ci = [(i, s.mean, s.ci) for i, s in enumerate(summaries) if s.ci is not None and s.mean is not None]
     if with_ci:
         speed.errorbar(
-            [s.mean for _, s in with_ci],
-            [i for i, _ in with_ci],
-            xerr=[[s.mean - s.ci[0] for _, s in with_ci], [s.ci[1] - s.mean for _, s in with_ci]],
+            [mean for _, mean, _ in with_ci],
+            [i for i, _, _ in with_ci],
+            xerr=[[mean - ci[0] for _, mean, ci in with_ci], [ci[1] - mean for _, mean, ci in with_ci]],
             fmt="o",
             color="black",
             markersize=3,
@@ -303,37 +528,36 @@ def plot(summaries: Sequence[ArmSummary], path: str | Path, title: str = "nova-a
         speed.annotate(_bar_label(s), (x, i), xytext=(5, 0), textcoords="offset points", va="center")
     speed.set_yticks(y, labels)
     speed.invert_yaxis()  # the baseline (first) on top
-    speed.set_xlabel(f"{HEADLINE}: median (bar), mean and 95% interval (whisker); * significant")
+    speed.set_xlabel(f"{HEADLINE}: median (bar),\ngeometric mean and 95% interval (whisker); * significant")
     speed.margins(x=0.3)
+    speed.set_xlim(left=0)  # throughput: the axis starts at 0, whatever the margins
 
     left = [0.0] * n
     segments = (*PHASES, "other")
-    for phase, color in zip(segments, ("tab:orange", "tab:purple", "tab:cyan", "lightgray"), strict=True):
+    for phase, colour in zip(segments, ("tab:orange", "tab:purple", "tab:cyan", "lightgray"), strict=True):
         widths = [_phase_seconds(s, phase) for s in summaries]
-        phases.barh(y, widths, left=left, color=color, label=phase.replace("_", " "))
+        phases.barh(y, widths, left=left, color=colour, label=phase.replace("_", " "))
         left = [a + b for a, b in zip(left, widths, strict=True)]
-    phases.set_xlabel("median seconds per run, by phase")
+    phases.set_xlabel("median seconds per run,\nby phase")
 
-    fig.legend(
-        handles=[
-            Patch(color="tab:gray", label="baseline"),
-            Patch(color="tab:blue", label="arm"),
-            Patch(color="tab:green", label="winner"),
-            Patch(facecolor="tab:red", hatch="//", label="flagged (never wins)"),
-            *phases.get_legend_handles_labels()[0],
-        ],
-        loc="outside lower center",
-        ncols=4,
-        fontsize="small",
-    )
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
+    arm_handles = [
+        Patch(facecolor=colour, hatch=hatch, edgecolor="black", linewidth=0.5, label=label)
+        for colour, hatch, label in (CATEGORIES[name] for name in legend_categories(summaries))
+    ]
+    handles = [*arm_handles, *phases.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize="small")
+    fig.suptitle(f"{title}\n{textwrap.fill(verdict(summaries), 120)}", fontsize="medium")
+    return fig
+
+
+def _wrap_label(arm: str, width: int = 32) -> str:
+    """The arm's label on lines of about width characters, broken after commas (labels have no spaces)."""
+    return "\n".join(line.replace(", ", ",") for line in textwrap.wrap(arm.replace(",", ", "), width))
 
 
 def _bar_label(s: ArmSummary) -> str:
     if s.median is None:
-        return "no ok trials" + (" - FLAGGED" if s.flagged else "")
+        return "no measured trials" + (" - FLAGGED" if s.flagged else "")
     text = _num(s.median)
     if s.speedup is not None and not s.is_baseline:
         text += f" ({s.speedup:.2f}x{'*' if s.significant else ''})"
@@ -341,6 +565,8 @@ def _bar_label(s: ArmSummary) -> str:
         text += " WINNER"
     if s.flagged:
         text += " FLAGGED"
+    elif _unverified(s):
+        text += " UNVERIFIED"
     return text
 
 

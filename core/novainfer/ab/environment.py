@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 import socket
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -33,6 +34,13 @@ def git_commit(start: Path) -> str:
         capture_output=True, text=True, timeout=5, check=False,
     ).stdout.strip()
     return f"{commit}-dirty" if dirty else commit
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: the allocator's on CUDA (since its last reset), the resident set's on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def device_tags(device: torch.device) -> dict[str, str]:

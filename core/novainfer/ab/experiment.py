@@ -8,8 +8,7 @@ A file has four tables (unknown keys are rejected everywhere, so a typo never si
     [sweep]     axes (required: axis -> list of values; an axis is `backend` or any EngineConfig field),
                 repeats = 3, order = "interleaved" | "blocked", baseline = {axis = value, ...} (default: the
                 first arm), trial_timeout_s = 1800, warmup_seqs (default min(num_seqs, 8)),
-                [sweep.correctness] enabled = true, num_seqs = 4, prompt_len = 64, decode_steps = 16,
-                max_rel_err = 1e-2,
+                [sweep.correctness] enabled = true, max_rel_err = 1e-2, floor_margin = 2.0, steps_per_kind = 1,
                 [[sweep.peers]] peer = "vllm" | "transformers", then any EngineConfig field but backend and
                 backend_options (overrides of [engine] for this arm), then the peer's own settings
                 (novainfer.ab.peers; transformers: attn_implementation = "sdpa")
@@ -106,16 +105,19 @@ class WorkloadTable(_Table):
 
 
 class CorrectnessTable(_Table):
-    """[sweep.correctness]: the teacher-forced logits check against the reference backend, run before timing.
+    """[sweep.correctness]: the teacher-forced logits check against the reference, run before timing on the
+    arm's own planned steps (novainfer.ab.gate).
 
-    prompt_len is the longest gate prompt (lengths vary down to half of it, for a ragged batch).
+    A replayed step passes when its worst row's relative error is within max(max_rel_err, floor_margin x the
+    worst row of the floor: PyTorch's own attention in the cache's dtype, on the same step). steps_per_kind:
+    how many steps of each kind the gate replays (at most as many as the run has). enabled = false makes every
+    arm's trials "unverified".
     """
 
     enabled: bool = True
-    num_seqs: int = Field(4, gt=0)
-    prompt_len: int = Field(64, gt=0)
-    decode_steps: int = Field(16, gt=0)
     max_rel_err: float = Field(1e-2, gt=0)
+    floor_margin: float = Field(2.0, ge=1)
+    steps_per_kind: int = Field(1, ge=1)
 
 
 class SweepTable(_Table):
@@ -374,7 +376,7 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
     _check_backends(path, arms)
     peer_arms, peers = _peer_arms(path, parsed.sweep.peers, engine_values)
     arms += [_resolved_model(path, arm) for arm in peer_arms]
-    _check_lengths(path, workload, parsed.sweep.correctness, arms)
+    _check_lengths(path, workload, arms)
 
     warmup = parsed.sweep.warmup_seqs
     if warmup is None:
@@ -510,7 +512,7 @@ def _check_backends(path: Path, arms: Iterable[Arm]) -> None:
             )
 
 
-def _check_lengths(path: Path, workload: Workload, gate: CorrectnessTable, arms: Iterable[Arm]) -> None:
+def _check_lengths(path: Path, workload: Workload, arms: Iterable[Arm]) -> None:
     longest = workload.input_len[1] + workload.output_len[1]
     for arm in arms:
         max_len = arm.config.max_model_len
@@ -519,11 +521,6 @@ def _check_lengths(path: Path, workload: Workload, gate: CorrectnessTable, arms:
                 path, _field("max_model_len", arm.params, arm.source),
                 f"{max_len} is below the longest request: input hi {workload.input_len[1]} + "
                 f"output hi {workload.output_len[1]} = {longest}",
-            )
-        if gate.enabled and max_len < gate.prompt_len + gate.decode_steps:
-            raise ExperimentError(
-                path, "sweep.correctness",
-                f"prompt_len {gate.prompt_len} + decode_steps {gate.decode_steps} exceeds max_model_len {max_len}",
             )
 
 

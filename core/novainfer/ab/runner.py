@@ -20,10 +20,11 @@ from novainfer.ab.compare import console as comparison_console
 from novainfer.ab.compare import plot, render_table, summarize
 from novainfer.ab.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.experiment import Experiment, ExperimentError, TrialSpec, check_runnable
+from novainfer.ab.gate import GateSettings
 from novainfer.ab.ledger import Ledger
 from novainfer.ab.record import TrialRecord
 from novainfer.ab.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
-from novainfer.ab.trial import GateSettings, TrialRequest
+from novainfer.ab.trial import TrialRequest
 
 SWEEPS_DIR = ".nova-ab"
 LEDGER_NAME = "ledger.jsonl"
@@ -159,7 +160,7 @@ def _log(tracker: Tracker, record: TrialRecord, console: Console) -> Tracker | N
 
 
 def _one_line(record: TrialRecord) -> str:
-    colour = {"ok": "green", "skipped": "yellow"}.get(record.status, "red")
+    colour = {"ok": "green", "unverified": "yellow", "skipped": "yellow"}.get(record.status, "red")
     speed = record.metrics.get("output_tok_s")
     detail = f"{speed:,.0f} output tok/s" if speed is not None else ""
     if record.reason:

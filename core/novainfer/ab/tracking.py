@@ -4,7 +4,8 @@ Layout in the experiment:
 - parent run (tags nova.kind=sweep, nova.sweep_id, nova.baseline_arm): params = the experiment's
   settings, artifacts = the experiment file and the comparison plot.
 - child run per trial (tags mlflow.parentRunId, nova.kind=trial, nova.trial_id, nova.arm, ...): params,
-  metrics and tags of the TrialRecord, artifact config.json = the resolved engine config. Its MLflow
+  metrics and tags of the TrialRecord, artifact config.json = the resolved engine config and, for our
+  engine's trials, breakdown.json = the timed run by step class (tag nova.breakdown names it). Its MLflow
   status is FAILED when the trial did not run to completion (nova.status "failed" or "timeout") and
   FINISHED otherwise; the verdict itself ("ok", "incorrect", ...) is always the nova.status tag.
 
@@ -51,6 +52,8 @@ TAG_STATUS = "nova.status"
 TAG_REASON = "nova.reason"
 TAG_PARENT = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "config.json"
+BREAKDOWN_ARTIFACT = "breakdown.json"
+TAG_BREAKDOWN = "nova.breakdown"
 # Trial statuses whose child run is marked FAILED in MLflow: the trial itself did not complete.
 _FAILED_STATUSES = ("failed", "timeout")
 
@@ -343,6 +346,8 @@ class Tracker:
         }
         if record.reason is not None:
             tags[TAG_REASON] = record.reason
+        if record.breakdown:
+            tags[TAG_BREAKDOWN] = BREAKDOWN_ARTIFACT
         run = self._client.create_run(
             self._experiment_id,
             start_time=start_ms,
@@ -355,6 +360,8 @@ class Tracker:
         metrics = [Metric(_key(k), float(v), end_ms, 0) for k, v in record.metrics.items()]
         self._log_batch(run_id, params=_params(record.params), tags=_tags(tags), metrics=metrics)
         self._client.log_dict(run_id, record.config, CONFIG_ARTIFACT)
+        if record.breakdown:
+            self._client.log_dict(run_id, record.breakdown, BREAKDOWN_ARTIFACT)
         # Last, so that a child with nova.trial_id is known to be complete.
         self._log_batch(run_id, tags=_tags({TAG_TRIAL_ID: record.trial_id}))
         status = "FAILED" if record.status in _FAILED_STATUSES else "FINISHED"
@@ -386,6 +393,11 @@ class Tracker:
         dst = Path(tmp, run.info.run_id)
         dst.mkdir()
         config_path = self._client.download_artifacts(run.info.run_id, CONFIG_ARTIFACT, str(dst))
+        breakdown = {}
+        if TAG_BREAKDOWN in tags:
+            breakdown = json.loads(
+                Path(self._client.download_artifacts(run.info.run_id, tags[TAG_BREAKDOWN], str(dst))).read_text()
+            )
         return TrialRecord(
             sweep_id=tags[TAG_SWEEP_ID],
             trial_id=tags[TAG_TRIAL_ID],
@@ -399,6 +411,7 @@ class Tracker:
             params=dict(run.data.params),
             metrics=dict(run.data.metrics),
             tags={k: v for k, v in tags.items() if not k.startswith(("nova.", "mlflow."))},
+            breakdown=breakdown,
             started_at=run.info.start_time / 1000,
             finished_at=(run.info.end_time or 0) / 1000,
         )

@@ -28,6 +28,7 @@ class Qwen2Config:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
     eos_token_id: int | None = None
+    initializer_range: float = 0.02  # the standard deviation of random weights (init_random)
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]) -> Qwen2Config:
@@ -47,6 +48,7 @@ class Qwen2Config:
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             max_position_embeddings=int(data.get("max_position_embeddings", 32768)),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            initializer_range=float(data.get("initializer_range", 0.02)),
         )
 
     @classmethod
@@ -66,6 +68,15 @@ PRESETS: dict[str, Qwen2Config] = {
         vocab_size=10240, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
         max_position_embeddings=4096,
+    ),
+    # qwen2-tiny's random weights are so small that attention barely moves the residual stream: its greedy
+    # output repeats the prompt's last token whatever attention returns. Weights ten times wider make the
+    # tokens depend on attention (zeroing it, or scaling it by 2%, changes most of them), so token-level
+    # checks on this preset mean something.
+    "qwen2-tiny-wide": Qwen2Config(
+        vocab_size=10240, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        max_position_embeddings=4096, initializer_range=0.2,
     ),
     "qwen2-0.5b": Qwen2Config(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

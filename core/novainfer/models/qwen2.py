@@ -195,7 +195,7 @@ def init_random(model: Qwen2ForCausalLM, seed: int) -> None:
             continue
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+        values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * model.config.initializer_range
         param.data.copy_(values.to(torch.bfloat16))
 
 

@@ -3,6 +3,9 @@
 Option `kernels`: "auto" (Triton on CUDA when triton is installed, else PyTorch), "triton" or
 "torch". The PyTorch path gathers each sequence's K/V, then runs masked SDPA; decodes and prefill
 chunks are padded separately, so a mixed batch does not pad every decode to the longest chunk.
+Option `torch_precision` (PyTorch path only): "cache" (the default) runs SDPA in the cache's dtype,
+PyTorch's own kernels; "float64" computes attention exactly, in float64 from the cache, whatever float32
+matrix products are set to: the reference the correctness gate checks every backend against.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from novainfer.hookspecs import hookimpl
 from novainfer.plugins import AttentionContext, BackendError
 
 KERNELS = ("auto", "triton", "torch")
-OPTIONS = ("kernels",)
+TORCH_PRECISIONS = ("cache", "float64")
+OPTIONS = ("kernels", "torch_precision")
+# The exact path takes query rows in chunks of this many, to bound its float64 score matrix.
+_EXACT_QUERY_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,11 @@ def resolve_kernels(options: dict[str, Any], device: torch.device) -> str:
     kernels = options.get("kernels", "auto")
     if kernels not in KERNELS:
         raise BackendError(f"native: kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    precision = options.get("torch_precision", "cache")
+    if precision not in TORCH_PRECISIONS:
+        raise BackendError(
+            f"native: torch_precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}"
+        )
     has_triton = importlib.util.find_spec("triton") is not None
     if kernels == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
@@ -95,6 +106,7 @@ class NativeBackend:
     def __init__(self, context: AttentionContext) -> None:
         self.context = context
         self.kernels = resolve_kernels(context.options, context.device)
+        self.exact = context.options.get("torch_precision", "cache") == "float64"
         if self.kernels == "triton":
             from novainfer_native import triton_ops
 
@@ -192,15 +204,50 @@ class NativeBackend:
             return out
         for group in (metadata.decodes, metadata.prefills):
             if group is not None:
-                _attend(query, kv_cache, group, scale, out)
+                (_attend_exact if self.exact else _attend)(query, kv_cache, group, scale, out)
         return out
 
 
-def _attend(query: torch.Tensor, kv_cache: torch.Tensor, group: PaddedGroup, scale: float, out: torch.Tensor) -> None:
+def _grouped(
+    query: torch.Tensor, kv_cache: torch.Tensor, group: PaddedGroup, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v, mask) of one group with each KV head's query heads folded into its rows: q [b, Hkv, G * max_q,
+    D], k and v [b, Hkv, S, D], mask [b, 1, G * max_q, S]. Every query head then reads its KV head's keys in
+    place, where SDPA's enable_gqa would fall back to copying them once per query head."""
     num_kv_heads, head_dim = kv_cache.shape[-2], kv_cache.shape[-1]
-    k = kv_cache[0].view(-1, num_kv_heads, head_dim)[group.slots].transpose(1, 2)  # [b, Hkv, S, D]
-    v = kv_cache[1].view(-1, num_kv_heads, head_dim)[group.slots].transpose(1, 2)
-    q = query[group.token_rows].transpose(1, 2)  # [b, Hq, max_q, D]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scale, enable_gqa=True)
-    rows = group.token_rows[group.valid]
-    out[rows] = o.transpose(1, 2)[group.valid]
+    b, max_q = group.token_rows.shape
+    k = kv_cache[0].view(-1, num_kv_heads, head_dim)[group.slots].transpose(1, 2).to(dtype)
+    v = kv_cache[1].view(-1, num_kv_heads, head_dim)[group.slots].transpose(1, 2).to(dtype)
+    q = query[group.token_rows].to(dtype).view(b, max_q, num_kv_heads, -1, head_dim)
+    groups = q.shape[3]
+    q = q.permute(0, 2, 3, 1, 4).reshape(b, num_kv_heads, groups * max_q, head_dim)
+    mask = group.mask.unsqueeze(1).expand(b, groups, 1, max_q, -1).reshape(b, 1, groups * max_q, -1)
+    return q, k, v, mask
+
+
+def _ungrouped(o: torch.Tensor, group: PaddedGroup) -> torch.Tensor:
+    """The valid rows of a grouped output [b, Hkv, G * max_q, D], as [rows, Hq, D]."""
+    b, max_q = group.token_rows.shape
+    num_kv_heads, head_dim = o.shape[1], o.shape[3]
+    o = o.view(b, num_kv_heads, -1, max_q, head_dim).permute(0, 3, 1, 2, 4).reshape(b, max_q, -1, head_dim)
+    return o[group.valid]
+
+
+def _attend(query: torch.Tensor, kv_cache: torch.Tensor, group: PaddedGroup, scale: float, out: torch.Tensor) -> None:
+    q, k, v, mask = _grouped(query, kv_cache, group, query.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out[group.token_rows[group.valid]] = _ungrouped(o, group)
+
+
+def _attend_exact(
+    query: torch.Tensor, kv_cache: torch.Tensor, group: PaddedGroup, scale: float, out: torch.Tensor
+) -> None:
+    """Attention of one group in float64, written out (no fused kernel): the only rounding left is the
+    output's, to its dtype, whatever float32 matrix products are set to."""
+    q, k, v, mask = _grouped(query, kv_cache, group, torch.float64)
+    o = torch.empty_like(q)
+    for start in range(0, q.shape[2], _EXACT_QUERY_CHUNK):
+        rows = slice(start, start + _EXACT_QUERY_CHUNK)
+        scores = (q[:, :, rows] @ k.transpose(2, 3)) * scale
+        o[:, :, rows] = scores.masked_fill(~mask[:, :, rows], float("-inf")).softmax(dim=-1) @ v
+    out[group.token_rows[group.valid]] = _ungrouped(o, group).to(out.dtype)

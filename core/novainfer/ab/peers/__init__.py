@@ -5,16 +5,11 @@ the file's validation needs to know about each peer: its name, the package it ne
 the schema of its own settings. It imports neither torch nor any peer's package, so validating a file stays cheap
 and works where no peer is installed; a peer's package is imported only inside its trial.
 
-Each peer module (vllm_peer, transformers_peer) provides:
-
-    start(config, options, model_dir) -> a started engine with
-        generate(prompts, output_lens, on_tokens) -> output tokens per request (EOS ignored, greedy),
-        params (the arguments passed to the peer, as "<peer>.<argument>"), tags (attention_backend,
-        cuda_graphs_mode), metrics() (memory, KV cache size), close();
-    correctness(config, model_dir, gate) -> the largest relative logits error against our native reference,
-        where the peer can compute teacher-forced logits; a peer without it records the gate as not applicable.
-
-and may raise PeerUnavailable from either, which the trial records as "skipped" with that reason.
+Each peer module (vllm_peer, transformers_peer) has `open_engine(request)`, which returns an engine of
+the shape novainfer.ab.trial_engine.TrialEngine describes, so a peer arm goes through the very trial procedure
+our engine's arms do (one gate verdict, one timed run, one per-request caliber rule). `open` and the engine's
+steps raise novainfer.ab.trial_engine.EngineUnavailable where the peer cannot run here (too old, no usable
+device, a KV cache dtype it lacks): the trial is then "skipped" with that reason.
 """
 
 from __future__ import annotations
@@ -22,10 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
-
-
-class PeerUnavailable(RuntimeError):
-    """The peer cannot run here (not installed, too old): its trials are skipped with this message."""
 
 
 class PeerOptions(BaseModel):

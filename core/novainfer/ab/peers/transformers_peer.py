@@ -23,18 +23,20 @@ and, always: no prefix sharing (allow_block_sharing = False: our engine has none
 which are the workload's first ones, would otherwise be cached for the timed run), no automatic switch to
 flash attention (the arm measures the attn_implementation it names). `seed` does not apply: decoding is greedy.
 
-Correctness gate: transformers' model forward over each whole gate sequence (prompt + continuation), against our
-engine's teacher-forced logits on the same checkpoint, both in float32 on the trial's device. It proves the peer
-runs the same model on the same weights; it does not run the paged attention of continuous batching (the
-caliber check covers that path's lengths only). float32 because two correct implementations of one model
-disagree by about 2e-2 in bfloat16 (rounding at different points in every layer), above the gate's threshold,
-while in float32 they agree to about 1e-6.
+Correctness gate: transformers' model forward over each whole gate sequence (the workload's first requests, their
+prompts cut to GATE_PROMPT_LEN tokens, then GATE_OUTPUT_LEN teacher-forced tokens), against our engine's
+teacher-forced logits on the same checkpoint, both in float32 on the trial's device, every row compared on its
+own. It proves the peer runs the same model on the same weights; it does not run the paged attention of
+continuous batching (the per-request caliber check covers that path's lengths only). float32 because two
+correct implementations of one model disagree by about 2e-2 in bfloat16 (rounding at different points in every
+layer), above the gate's threshold, while in float32 they agree to about 1e-6.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,107 +44,128 @@ from typing import Any
 import torch
 
 from novainfer import LLM
-from novainfer.ab.environment import package_version
-from novainfer.ab.peers import PeerUnavailable
-from novainfer.ab.trial import REFERENCE_BACKEND, REFERENCE_OPTIONS, GateSettings, peak_memory_bytes, relative_error
-from novainfer.ab.workload import teacher_forcing_inputs
-from novainfer.config import EngineConfig
-from novainfer.engine import resolve_device, resolve_dtype
+from novainfer.ab.environment import device_tags, package_version, peak_memory_bytes
+from novainfer.ab.gate import (
+    REFERENCE_BACKEND,
+    REFERENCE_OPTIONS,
+    GateReport,
+    GateSettings,
+    KindCoverage,
+    forced_sequences,
+)
+from novainfer.ab.peers.base import PeerEngine
+from novainfer.ab.trial import TrialRequest
+from novainfer.ab.trial_engine import EngineUnavailable
+from novainfer.engine import resolve_dtype
 from novainfer.models.presets import Qwen2Config
 
-GATE = f"float32 teacher-forced logits, transformers' forward against {REFERENCE_BACKEND}"
-# The seed of the gate's inputs: correctness_gate's, so peers and our backends are checked on the same sequences.
-GATE_SEED = 1234
+GATE_METHOD = (
+    f"float32 model forward (not the paged path) against {REFERENCE_BACKEND}: logits of every row within max_rel_err"
+)
+GATE_SEQS = 4
+GATE_PROMPT_LEN = 64
+GATE_OUTPUT_LEN = 16
 # How long one wait for a result may take before the manager's health is checked again.
 _POLL_S = 1.0
 
 
-def correctness(config: EngineConfig, model_dir: Path, gate: GateSettings) -> float:
-    """Largest relative error of transformers' logits against our native reference under teacher forcing."""
-    device = resolve_device(config.device)
-    prompts, continuations = teacher_forcing_inputs(
-        seed=GATE_SEED, num_seqs=gate.num_seqs, prompt_len=gate.prompt_len, decode_steps=gate.decode_steps,
-        vocab_size=Qwen2Config.from_dir(model_dir).vocab_size,
-    )
-    reference = LLM(
-        str(model_dir), backend=REFERENCE_BACKEND, backend_options=REFERENCE_OPTIONS, dtype="float32",
-        device=config.device, block_size=config.block_size, max_model_len=config.max_model_len,
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        kv_cache_capacity=gate.num_seqs * (gate.prompt_len + gate.decode_steps + config.block_size),
-    )
-    expected = reference.teacher_forced_logits(prompts, continuations)
-    del reference
-    model = _load(model_dir, torch.float32, "sdpa", device)
-    errors = []
-    with torch.inference_mode():
-        for prompt, continuation, want in zip(prompts, continuations, expected):
-            ids = torch.tensor([prompt + continuation], device=device)
-            # Position i predicts token i + 1: the rows that predict the continuation.
-            logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) + len(continuation) - 1]
-            errors.append(relative_error(logits.float().cpu(), want))
-    del model
-    _free(device)
-    return max(errors)
+def open_engine(request: TrialRequest) -> TransformersEngine:
+    return TransformersEngine(request)
 
 
-def start(config: EngineConfig, options: dict[str, Any], model_dir: Path) -> TransformersEngine:
-    try:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-        from transformers.generation.continuous_batching.utils import WorkloadHints
-    except ImportError as error:
-        raise PeerUnavailable(
-            f"transformers {package_version('transformers')} lacks the continuous-batching API this peer uses "
-            f"(written for 5.24): {error}"
-        ) from None
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    attn = options["attn_implementation"]
-    try:
-        model = _load(model_dir, dtype, attn, device)
-    except ImportError as error:  # the implementation's kernel package is absent, like a backend of ours
-        detail = " ".join(str(error).split())
-        raise PeerUnavailable(f"transformers cannot run attn_implementation {attn!r} here: {detail}") from None
-    if config.kv_cache_capacity != "auto":
-        num_blocks: int | None = -(-config.kv_cache_capacity // config.block_size)
-    elif device.type == "cpu":
-        num_blocks = config.max_num_seqs * -(-config.max_model_len // config.block_size)
-    else:
-        num_blocks = None
-    fields = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
-    args: dict[str, Any] = {
-        "page_size" if "page_size" in fields else "block_size": config.block_size,
-        "num_blocks": num_blocks,
-        "max_batch_tokens": config.max_num_batched_tokens,
-        "max_requests_per_batch": config.max_num_seqs,
-        "max_memory_percent": config.gpu_memory_utilization if device.type == "cuda" else None,
-        "use_cuda_graph": config.cuda_graphs and device.type == "cuda",
-        "allow_block_sharing": False,
-    }
-    if "auto_switch_to_flash" in fields:  # 5.24's switch; older releases never switch
-        args["auto_switch_to_flash"] = False
-    manager = model.init_continuous_batching(
-        generation_config=GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0),
-        continuous_batching_config=ContinuousBatchingConfig(**args),
-        workload_hints=WorkloadHints(max_prompt_length=config.max_model_len, num_requests=config.max_num_seqs),
-    )
-    manager.warmup()  # allocates the cache and captures CUDA graphs: before any request, so never timed
-    manager.start()
-    params = {"transformers.attn_implementation": attn, **{f"transformers.{k}": str(v) for k, v in args.items()}}
-    return TransformersEngine(manager, model, device, params)
+class TransformersEngine(PeerEngine):
+    name = "transformers"
+    package = "transformers"
 
+    def __init__(self, request: TrialRequest) -> None:
+        super().__init__(request)
+        self.manager: Any = None
 
-class TransformersEngine:
-    def __init__(self, manager: Any, model: Any, device: torch.device, params: dict[str, str]) -> None:
+    def gate(self, settings: GateSettings) -> GateReport:
+        """Per-row relative error of transformers' logits against our native reference, teacher-forced."""
+        started = time.perf_counter()
+        config, device = self.config, self.device
+        n = min(GATE_SEQS, self.workload.num_seqs)
+        prompts = [p[:GATE_PROMPT_LEN] for p in self.workload.prompts()[:n]]
+        vocab = Qwen2Config.from_dir(self.model_dir).vocab_size
+        sequences = forced_sequences(prompts, [GATE_OUTPUT_LEN] * n, vocab)
+        continuations = [seq[len(p) :] for seq, p in zip(sequences, prompts)]
+        reference = LLM(
+            str(self.model_dir), backend=REFERENCE_BACKEND, backend_options=REFERENCE_OPTIONS, dtype="float32",
+            device=config.device, block_size=config.block_size, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_capacity=n * (GATE_PROMPT_LEN + GATE_OUTPUT_LEN + config.block_size),
+        )
+        expected = reference.teacher_forced_logits(prompts, continuations)
+        del reference
+        model = _load(self.model_dir, torch.float32, "sdpa", device)
+        report = GateReport({"model-forward": KindCoverage(run_steps=0)}, method=GATE_METHOD)
+        report.setup_seconds = time.perf_counter() - started
+        with torch.inference_mode():
+            for prompt, continuation, want in zip(prompts, continuations, expected):
+                ids = torch.tensor([prompt + continuation], device=device)
+                # Position i predicts token i + 1: the rows that predict the continuation.
+                logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) + len(continuation) - 1].float().cpu()
+                errors = (logits - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)
+                report.judge(("model-forward",), errors, None, settings)
+        del model
+        _free(device)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def start(self) -> None:
+        try:
+            from transformers import ContinuousBatchingConfig, GenerationConfig
+            from transformers.generation.continuous_batching.utils import WorkloadHints
+        except ImportError as error:
+            raise EngineUnavailable(
+                f"transformers {package_version('transformers')} lacks the continuous-batching API this peer uses "
+                f"(written for 5.24): {error}"
+            ) from None
+        config, device = self.config, self.device
+        dtype = resolve_dtype(config.dtype, device)
+        attn = self.options["attn_implementation"]
+        try:
+            model = _load(self.model_dir, dtype, attn, device)
+        except ImportError as error:  # the implementation's kernel package is absent, like a backend of ours
+            detail = " ".join(str(error).split())
+            raise EngineUnavailable(f"transformers cannot run attn_implementation {attn!r} here: {detail}") from None
+        if config.kv_cache_capacity != "auto":
+            num_blocks: int | None = -(-config.kv_cache_capacity // config.block_size)
+        elif device.type == "cpu":
+            num_blocks = config.max_num_seqs * -(-config.max_model_len // config.block_size)
+        else:
+            num_blocks = None
+        fields = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
+        args: dict[str, Any] = {
+            "page_size" if "page_size" in fields else "block_size": config.block_size,
+            "num_blocks": num_blocks,
+            "max_batch_tokens": config.max_num_batched_tokens,
+            "max_requests_per_batch": config.max_num_seqs,
+            "max_memory_percent": config.gpu_memory_utilization if device.type == "cuda" else None,
+            "use_cuda_graph": config.cuda_graphs and device.type == "cuda",
+            "allow_block_sharing": False,
+        }
+        if "auto_switch_to_flash" in fields:  # 5.24's switch; older releases never switch
+            args["auto_switch_to_flash"] = False
+        manager = model.init_continuous_batching(
+            generation_config=GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0),
+            continuous_batching_config=ContinuousBatchingConfig(**args),
+            workload_hints=WorkloadHints(max_prompt_length=config.max_model_len, num_requests=config.max_num_seqs),
+        )
+        manager.warmup()  # allocates the cache and captures CUDA graphs: before any request, so never timed
+        manager.start()
         self.manager = manager
-        self.device = device
-        self.params = params
+        self.params["transformers.attn_implementation"] = attn
+        self.params.update({f"transformers.{k}": str(v) for k, v in args.items()})
         resolved = manager.continuous_batching_config
         varlen, decode = resolved.use_cuda_graph
-        self.tags = {
+        self.tags.update(
+            device_tags(device),
             # What ran, after the manager's own choices (it maps "eager" to "paged|eager").
-            "attention_backend": str(model.config._attn_implementation),
-            "cuda_graphs_mode": f"varlen={varlen}, decode={decode}, async_batching={resolved.use_async_batching}",
-        }
+            attention_backend=str(model.config._attn_implementation),
+            cuda_graphs_mode=f"varlen={varlen}, decode={decode}, async_batching={resolved.use_async_batching}",
+        )
         self.num_blocks = resolved.num_blocks
 
     def generate(
@@ -172,12 +195,13 @@ class TransformersEngine:
             torch.cuda.synchronize(self.device)
         return [counts[i] for i in ids]
 
-    def metrics(self) -> dict[str, float]:
+    def end_timed(self) -> dict[str, float]:
         return {"peak_memory_bytes": peak_memory_bytes(self.device), "kv_cache_blocks": self.num_blocks}
 
     def close(self) -> None:
-        self.manager.stop(block=True, timeout=30)
-        self.manager.destroy()
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=30)
+            self.manager.destroy()
 
 
 def _load(model_dir: Path, dtype: torch.dtype, attn: str, device: torch.device) -> Any:

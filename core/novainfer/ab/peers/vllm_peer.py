@@ -21,7 +21,8 @@ the engine is built takes the last "Using ... backend" line of that file ("unkno
 
 Memory: the engine runs in worker processes, so this process cannot see its allocator; the metric is
 device_memory_used_bytes (the whole device after the run, vLLM's preallocated share included), not
-peak_memory_bytes. Correctness gate: not applicable, vLLM returns no teacher-forced logits.
+peak_memory_bytes. Correctness gate: none (vLLM returns no teacher-forced logits), so its trials are at best
+"unverified": shown beside ours, never a winner, never the baseline of a speedup claim.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from typing import Any
 
 import torch
 
-from novainfer.ab.peers import PeerUnavailable
-from novainfer.config import EngineConfig
-from novainfer.engine import resolve_device, resolve_dtype
+from novainfer.ab.environment import device_tags
+from novainfer.ab.peers.base import PeerEngine
+from novainfer.ab.trial import TrialRequest
+from novainfer.ab.trial_engine import EngineUnavailable
+from novainfer.engine import resolve_dtype
 
-GATE = "not applicable: vLLM returns no teacher-forced logits"
+NO_GATE = "vLLM returns no teacher-forced logits"
 # vLLM's own wordings, newest first: forced ("Using AttentionBackendEnum.FLASHINFER backend."), chosen
 # ("Using FLASH_ATTN attention backend out of potential backends: [...]"), V1 before the enum
 # ("Using Flash Attention backend on V1 engine.").
@@ -53,56 +56,67 @@ _BACKEND_LINES = (
 )
 
 
-def start(config: EngineConfig, options: dict[str, Any], model_dir: Path) -> VllmEngine:
-    device = resolve_device(config.device)
-    scratch = Path(tempfile.mkdtemp(prefix="nova-vllm-"))
-    log_path = scratch / "vllm.log"
-    config_path = scratch / "logging.json"
-    config_path.write_text(json.dumps(_logging_config(log_path)))
-    # Read when vllm is first imported, here and in every worker process it starts. vLLM refuses the path when
-    # its logging setup is switched off; the backend is then "unknown".
-    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":
-        os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)
-    # This process has already asked the CUDA runtime for its devices (torch.cuda.is_available), after which a
-    # forked worker may fail to start CUDA; vLLM only switches to spawn when torch has created a context.
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    from vllm import LLM
-    from vllm.platforms import current_platform
-
-    if current_platform.device_type != device.type:
-        raise PeerUnavailable(f"this vLLM build runs on {current_platform.device_type}, the arm asks for {device}")
-    args: dict[str, Any] = {
-        "model": str(model_dir),
-        "skip_tokenizer_init": True,
-        "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
-        "seed": config.seed,
-        "max_model_len": config.max_model_len,
-        "max_num_seqs": config.max_num_seqs,
-        "max_num_batched_tokens": config.max_num_batched_tokens,
-        "block_size": config.block_size,
-        "gpu_memory_utilization": config.gpu_memory_utilization,
-        "enforce_eager": not config.cuda_graphs,
-        "enable_prefix_caching": False,
-    }
-    if config.kv_cache_capacity != "auto":
-        args["num_gpu_blocks_override"] = -(-config.kv_cache_capacity // config.block_size)
-    llm = LLM(**args)
-    return VllmEngine(llm, device, scratch, {f"vllm.{k}": str(v) for k, v in args.items()}, _chosen_backend(log_path))
+def open_engine(request: TrialRequest) -> VllmEngine:
+    return VllmEngine(request)
 
 
-class VllmEngine:
-    def __init__(
-        self, llm: Any, device: torch.device, scratch: Path, params: dict[str, str], attention_backend: str
-    ) -> None:
-        self.llm = llm
-        self.device = device
-        self.scratch = scratch
-        self.params = params
-        eager = params["vllm.enforce_eager"] == "True"
-        self.tags = {
-            "attention_backend": attention_backend,
-            "cuda_graphs_mode": "eager (enforce_eager)" if eager else "cuda_graphs (vLLM's compilation config)",
+class VllmEngine(PeerEngine):
+    name = "vllm"
+    package = "vllm"
+
+    def __init__(self, request: TrialRequest) -> None:
+        super().__init__(request)
+        self.llm: Any = None
+        self.scratch = Path(tempfile.mkdtemp(prefix="nova-vllm-"))
+
+    def gate(self, settings: object) -> str:
+        return NO_GATE
+
+    def start(self) -> None:
+        config, device = self.config, self.device
+        log_path = self.scratch / "vllm.log"
+        config_path = self.scratch / "logging.json"
+        config_path.write_text(json.dumps(_logging_config(log_path)))
+        # Read when vllm is first imported, here and in every worker process it starts. vLLM refuses the path
+        # when its logging setup is switched off; the backend is then "unknown".
+        if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":
+            os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)
+        # This process has already asked the CUDA runtime for its devices (torch.cuda.is_available), after which a
+        # forked worker may fail to start CUDA; vLLM only switches to spawn when torch has created a context.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.device_type != device.type:
+            raise EngineUnavailable(
+                f"this vLLM build runs on {current_platform.device_type}, the arm asks for {device}"
+            )
+        args: dict[str, Any] = {
+            "model": str(self.model_dir),
+            "skip_tokenizer_init": True,
+            "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+            "seed": config.seed,
+            "max_model_len": config.max_model_len,
+            "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "block_size": config.block_size,
+            "gpu_memory_utilization": config.gpu_memory_utilization,
+            "enforce_eager": not config.cuda_graphs,
+            "enable_prefix_caching": False,
         }
+        if config.kv_cache_capacity != "auto":
+            args["num_gpu_blocks_override"] = -(-config.kv_cache_capacity // config.block_size)
+        self.llm = LLM(**args)
+        self.params.update({f"vllm.{k}": str(v) for k, v in args.items()})
+        # Only now: taking device properties starts CUDA in this process, which vLLM's workers, forked or
+        # spawned above, must not find already started.
+        self.tags.update(
+            device_tags(device),
+            attention_backend=_chosen_backend(log_path),
+            cuda_graphs_mode=(
+                "eager (enforce_eager)" if args["enforce_eager"] else "cuda_graphs (vLLM's compilation config)"
+            ),
+        )
 
     def generate(
         self, prompts: list[list[int]], output_lens: list[int], on_tokens: Callable[[int], None]
@@ -118,7 +132,7 @@ class VllmEngine:
         on_tokens(sum(counts))
         return counts
 
-    def metrics(self) -> dict[str, float]:
+    def end_timed(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -133,7 +147,7 @@ class VllmEngine:
 
     def close(self) -> None:
         # Dropping the last reference shuts vLLM's engine processes down.
-        del self.llm
+        self.llm = None
         gc.collect()
         shutil.rmtree(self.scratch, ignore_errors=True)
 

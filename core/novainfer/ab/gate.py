@@ -1,0 +1,307 @@
+"""The correctness gate: an arm's backend against the reference, teacher-forced, on the arm's own step shapes.
+
+A backend can be wrong only in some step shapes (decodes mixed with prefill chunks, chunks continuing a
+cached prefix, long contexts, one CUDA-graph bucket): a gate that runs a shape of its own would pass it. So
+the gate replays steps of the arm's planned schedule (novainfer.ab.schedule), the very steps the timed run
+will execute, with the arm's settings (block size, max_num_seqs, max_num_batched_tokens, CUDA graphs and
+their buckets, the cache dtype, the backend options), on three engines in lockstep:
+
+- the tested engine: the arm's backend, replaying decode-only steps through its captured graphs, padded to
+  the bucket as in the timed run;
+- the reference: native's plain-PyTorch path, attention computed exactly (float64) from the cache;
+- the floor: the same path with attention in the cache's dtype (PyTorch's own kernels), an honest
+  implementation whose distance from the reference is what that dtype's rounding alone costs.
+
+All three run float32 weights and attention over a cache of the arm's dtype, so only attention rounds
+differently: with the whole model in bfloat16, 28 layers of GEMM rounding would amplify any one-ulp
+difference in attention into a few percent for every backend alike and hide real errors. (On CUDA the
+float32 matrix products run in TF32, whose rounding, 2^-11, sits below the differences a bfloat16 cache
+makes; all three engines share it, and the floor measures it with the rest.)
+
+Every token row of a replayed step, not only the rows that sample, is compared by its next-token logits:
+relative error ||got - want|| / ||want|| per row, the worst row of each step deciding, so a few bad rows
+cannot be averaged away. A step passes when its worst row is within max(max_rel_err, floor_margin x the
+floor's worst row in that step): rounding grows with the caliber (bfloat16 attention over a thousand keys
+through 28 layers moves the worst of ten thousand rows by about 2e-2, for native, cuDNN and flashinfer
+alike, measured on the H200), and a bar below it would fail every honest backend; a wrong step is off by
+tens of percent.
+
+The sample: every step kind the plan has (see novainfer.ab.schedule) is checked `steps_per_kind` times (or
+as often as the run has it); steps are chosen greedily, the most uncovered kinds per token first, so one
+prefill step usually covers first chunks, continued chunks and mixing at once, and the cheapest (so most
+padded) step of each decode bucket covers that bucket. A sampled step runs from a prepared state: each of its
+sequences holds the real prompt followed by deterministic random "forced" output tokens, and its cached
+prefix is filled with the same random keys and values in all three engines (any cache content is a valid
+input to attention, and the rows' logits are a deterministic function of it), so no earlier step need run.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from novainfer import LLM
+from novainfer.ab.schedule import PlannedStep, kind_counts, rebuilt
+from novainfer.config import EngineConfig
+from novainfer.engine import resolve_device, resolve_dtype
+from novainfer.models.qwen2 import Qwen2ForCausalLM
+
+REFERENCE_BACKEND = "native"
+REFERENCE_OPTIONS = {"kernels": "torch", "torch_precision": "float64"}
+FLOOR_OPTIONS = {"kernels": "torch", "torch_precision": "cache"}
+# A step's cost in token-equivalents beyond its tokens (reading the weights once), for choosing cheap steps.
+_STEP_COST = 64
+# Logits are compared in chunks of rows of at most this many elements (float32), to bound memory.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """[sweep.correctness]: whether the gate runs; a step passes when its worst row's error is within
+    max(max_rel_err, floor_margin x the floor's worst row in that step); how often each kind is checked."""
+
+    enabled: bool = True
+    max_rel_err: float = 1e-2
+    floor_margin: float = 2.0
+    steps_per_kind: int = 1
+
+
+@dataclass
+class KindCoverage:
+    """One step kind: how many steps of the run have it, how many the gate replayed, the worst row's error
+    and the floor's worst row in those steps."""
+
+    run_steps: int
+    checked: int = 0
+    max_rel_err: float = 0.0
+    floor_rel_err: float = 0.0
+
+
+METHOD = (
+    f"the arm's planned steps, every step kind, teacher-forced against {REFERENCE_BACKEND} (float64 attention), "
+    "next-token logits of every row, each step within max(max_rel_err, floor_margin x its floor: SDPA in the "
+    "cache's dtype)"
+)
+
+
+@dataclass
+class GateReport:
+    """What the gate checked and found.
+
+    method: how, in a line (the trial's correctness_gate tag). max_rel_err, floor_rel_err: the worst row
+    of the tested engine and of the floor over every replayed step. worst_ratio: the worst step's worst row
+    over what that step allowed (passing is <= 1); worst_step (its plan index, None when the check is not
+    of planned steps), worst_kinds and worst_allowed describe it. seconds: the whole gate; setup_seconds:
+    building its engines (a backend's own set-up, JIT compiles and graph captures included).
+    """
+
+    coverage: dict[str, KindCoverage]
+    method: str = METHOD
+    steps: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+    max_rel_err: float = 0.0
+    floor_rel_err: float = 0.0
+    worst_ratio: float = 0.0
+    worst_step: int | None = None
+    worst_kinds: tuple[str, ...] = field(default_factory=tuple)
+    worst_allowed: float = 0.0
+
+    def passed(self) -> bool:
+        return self.worst_ratio <= 1.0  # NaN fails
+
+    def problem(self) -> str:
+        where = f" in step {self.worst_step} ({', '.join(self.worst_kinds)})" if self.worst_step is not None else ""
+        return (
+            f"teacher-forced logits differ from {REFERENCE_BACKEND}: worst row relative error "
+            f"{self.worst_ratio * self.worst_allowed:.3g} > {self.worst_allowed:.3g} allowed{where}"
+        )
+
+    def judge(
+        self,
+        kinds: Iterable[str],
+        errors: torch.Tensor,
+        floor_errors: torch.Tensor | None,
+        settings: GateSettings,
+        step_index: int | None = None,
+    ) -> None:
+        """Take in one checked step's row errors (and the floor's, where there is a floor) and its kinds."""
+        kinds = tuple(sorted(kinds))
+        worst = _max(errors)
+        floor = _max(floor_errors) if floor_errors is not None else 0.0
+        allowed = max(settings.max_rel_err, settings.floor_margin * floor) if not math.isnan(floor) else math.nan
+        ratio = worst / allowed
+        for kind in kinds:
+            cov = self.coverage[kind]
+            cov.checked += 1
+            cov.max_rel_err = _worse(cov.max_rel_err, worst)
+            cov.floor_rel_err = _worse(cov.floor_rel_err, floor)
+        self.max_rel_err = _worse(self.max_rel_err, worst)
+        self.floor_rel_err = _worse(self.floor_rel_err, floor)
+        if self.steps == 0 or _is_worse(ratio, self.worst_ratio):
+            self.worst_ratio, self.worst_allowed = ratio, allowed
+            self.worst_step, self.worst_kinds = step_index, kinds
+        self.steps += 1
+        self.rows += len(errors)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for the record (see novainfer.ab.record.gate_coverage for reading them back)."""
+        metrics = {
+            "max_rel_err": self.max_rel_err, "gate_floor_rel_err": self.floor_rel_err,
+            "gate_worst_ratio": self.worst_ratio, "gate_steps": self.steps, "gate_rows": self.rows,
+            "gate_seconds": self.seconds, "gate_setup_seconds": self.setup_seconds,
+        }
+        for kind, cov in self.coverage.items():
+            metrics.update({
+                f"gate.{kind}.run_steps": cov.run_steps, f"gate.{kind}.checked": cov.checked,
+                f"gate.{kind}.max_rel_err": cov.max_rel_err, f"gate.{kind}.floor_rel_err": cov.floor_rel_err,
+            })
+        return metrics
+
+
+def choose_sample(plan: list[PlannedStep], steps_per_kind: int) -> list[PlannedStep]:
+    """The steps the gate replays, in plan order: every kind covered min(steps_per_kind, its count) times."""
+    need = {kind: min(steps_per_kind, n) for kind, n in kind_counts(plan).items()}
+    remaining = list(plan)
+    chosen: list[PlannedStep] = []
+
+    def value(step: PlannedStep) -> tuple[float, int, int]:
+        gain = sum(need[kind] > 0 for kind in step.kinds)
+        return gain / (step.tokens + _STEP_COST), step.context, -step.index
+
+    while any(need.values()):
+        best = max(remaining, key=value)
+        remaining.remove(best)
+        chosen.append(best)
+        for kind in best.kinds:
+            need[kind] = max(0, need[kind] - 1)
+    return sorted(chosen, key=lambda s: s.index)
+
+
+def forced_sequences(prompts: list[list[int]], output_lens: list[int], vocab_size: int) -> list[list[int]]:
+    """Each request's prompt followed by its teacher-forced outputs: deterministic random ids over the
+    whole vocabulary, the same on every machine."""
+    sequences = []
+    for i, (prompt, n) in enumerate(zip(prompts, output_lens)):
+        rng = random.Random(i)
+        sequences.append(list(prompt) + [rng.randrange(vocab_size) for _ in range(n)])
+    return sequences
+
+
+def check_backend(
+    config: EngineConfig,
+    model: Qwen2ForCausalLM,
+    plan: list[PlannedStep],
+    sequences: list[list[int]],
+    settings: GateSettings,
+) -> GateReport:
+    """Replay the sample of `plan` on the arm's backend, the reference and the floor; `model` is the arm's
+    (its weights are used in float32, copied when they are not already)."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    attention_dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
+    attention_dtype = str(resolve_dtype(attention_dtype, device)).removeprefix("torch.")
+    sample = choose_sample(plan, settings.steps_per_kind)
+    bs = config.block_size
+    blocks = max(sum(-(-(e.num_computed + e.num_new) // bs) for e in step.entries) for step in sample)
+    report = GateReport({kind: KindCoverage(n) for kind, n in sorted(kind_counts(plan).items())})
+    with _tf32_matmuls(device), torch.inference_mode():
+        weights = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+        common = dict(
+            model=config.model, device=config.device, seed=config.seed, dtype="float32",
+            kv_cache_dtype=attention_dtype, block_size=bs, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_capacity=blocks * bs, shared_model=weights, warm_up=False,
+        )
+        engines = [  # the reference first, the floor second, the tested engine last
+            LLM(backend=REFERENCE_BACKEND, backend_options=REFERENCE_OPTIONS, **common),
+            LLM(backend=REFERENCE_BACKEND, backend_options=FLOOR_OPTIONS, **common),
+            LLM(backend=config.backend, backend_options=config.backend_options, cuda_graphs=config.cuda_graphs,
+                **common),
+        ]
+        report.setup_seconds = time.perf_counter() - started
+        for step in sample:
+            want, floor, got = _replay(engines, step, sequences)
+            errors, floor_errors = _row_errors(weights, want, got, floor)
+            report.judge(step.kinds, errors, floor_errors, settings, step.index)
+    del engines, weights
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@contextmanager
+def _tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """float32 matrix products in TF32 on CUDA (see the module docstring), restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _replay(engines: list[LLM], step: PlannedStep, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Each engine's hidden states [step.tokens, hidden] of one planned step run from a prepared state.
+
+    The engines' caches hold the same random prefix: one draw per step, block i of the step going to each
+    engine's i-th block of it."""
+    with ExitStack() as stack:
+        outs = [stack.enter_context(rebuilt(step, llm.block_manager, sequences)) for llm in engines]
+        blocks = [[b for entry in out.entries for b in entry.seq.block_table] for out in outs]
+        _fill_blocks([llm.kv_caches for llm in engines], blocks, seed=step.index)
+        # clone(): a graph's output buffer is overwritten by its next replay.
+        return [llm.runner.run(out)[1][: step.tokens].clone() for llm, out in zip(engines, outs)]
+
+
+def _fill_blocks(caches: list[list[torch.Tensor]], blocks: list[list[int]], seed: int) -> None:
+    """Fill the given blocks of every layer of each engine's cache with the same standard-normal draw."""
+    device = caches[0][0].device
+    indices = [torch.tensor(ids, device=device) for ids in blocks]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for layer in range(len(caches[0])):
+        cache = caches[0][layer]
+        shape = (cache.shape[0], len(blocks[0]), *cache.shape[2:])
+        values = torch.randn(shape, generator=generator, device=device, dtype=cache.dtype)
+        for engine_caches, index in zip(caches, indices):
+            engine_caches[layer].index_copy_(1, index, values)
+
+
+def _row_errors(model: Qwen2ForCausalLM, want: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """For each of `others`, the relative error of each row's next-token logits against `want`'s, [rows] on
+    the CPU."""
+    rows = max(1, _CHUNK_ELEMENTS // model.config.vocab_size)
+    errors: list[list[torch.Tensor]] = [[] for _ in others]
+    for i in range(0, want.shape[0], rows):
+        expected = model.compute_logits(want[i : i + rows])
+        norm = expected.norm(dim=-1).clamp_min(1e-30)
+        for out, other in zip(errors, others):
+            out.append(((model.compute_logits(other[i : i + rows]) - expected).norm(dim=-1) / norm).cpu())
+    return [torch.cat(e) for e in errors]
+
+
+def _max(errors: torch.Tensor) -> float:
+    return math.nan if errors.isnan().any() else float(errors.max())
+
+
+def _is_worse(new: float, old: float) -> bool:
+    """Whether error `new` is worse than `old`; NaN is the worst of all (a NaN row must fail the gate)."""
+    return (math.isnan(new) and not math.isnan(old)) or new > old
+
+
+def _worse(a: float, b: float) -> float:
+    return b if _is_worse(b, a) else a

@@ -1,0 +1,89 @@
+"""One trial, in-process: the record's gate coverage, per-request caliber, schedule check and phase breakdown."""
+
+from __future__ import annotations
+
+import pytest
+
+from novainfer.ab import novainfer_engine
+from novainfer.ab.gate import GateSettings
+from novainfer.ab.phases import PHASES, PhaseClock, choose_samples
+from novainfer.ab.record import gate_coverage
+from novainfer.ab.schedule import plan_schedule
+from novainfer.ab.trial import TrialRequest, new_record, run_trial
+from novainfer.ab.workload import Workload
+from novainfer.config import EngineConfig
+
+WORKLOAD = Workload(num_seqs=6, input_len=(16, 48), output_len=(4, 16), seed=1)
+CONFIG = EngineConfig(
+    model="random:qwen2-tiny-wide", device="cpu", dtype="float32", max_model_len=96, max_num_seqs=4,
+    max_num_batched_tokens=48, kv_cache_capacity=512,
+)
+
+
+def request(gate: GateSettings | None = None) -> TrialRequest:
+    return TrialRequest(
+        sweep_id="s", trial_id="t#0", arm="t", arm_params={}, repeat=0, order=0, config=CONFIG.to_dict(),
+        workload=WORKLOAD, warmup_seqs=1, gate=gate or GateSettings(), result_path="", source_dir=".",
+    )
+
+
+def test_an_ok_trial_records_coverage_caliber_and_phases_over_every_step() -> None:
+    record = new_record(request())
+    run_trial(request(), record)
+    assert record.status == "ok", record.reason
+    metrics = record.metrics
+    assert metrics["requests"] == 6 and metrics["requests_off"] == 0 and metrics["schedule_steps_off"] == 0
+    coverage = gate_coverage(metrics)
+    assert coverage and all(c["checked"] >= 1 and c["run_steps"] >= c["checked"] for c in coverage.values())
+    assert metrics["gate_steps"] < metrics["num_steps"] and metrics["gate_seconds"] > 0
+    # The breakdown's classes partition the run's steps, each measured on shadow steps.
+    assert sum(row["steps"] for row in record.breakdown.values()) == metrics["num_steps"]
+    assert all(1 <= row["sampled"] <= min(3, row["steps"]) for row in record.breakdown.values())
+    for phase in PHASES:
+        expected = sum(row[f"{phase}_ms"] * row["steps"] for row in record.breakdown.values()) / 1e3
+        assert metrics[f"phase_{phase}_s"] == pytest.approx(expected) and expected > 0
+    assert record.tags["phases_cover"].startswith(f"all {metrics['num_steps']:.0f} steps")
+    assert record.tags["engine"] == "novainfer" and "teacher-forced" in record.tags["correctness_gate"]
+
+
+def test_a_run_that_leaves_the_planned_schedule_is_a_caliber_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate vouches only for the planned steps: a run that takes others must not pass as ok."""
+    monkeypatch.setattr(novainfer_engine, "plan_schedule", lambda *a, **k: plan_schedule(*a, **k)[:-1])
+    record = new_record(request())
+    run_trial(request(), record)
+    assert record.status == "caliber_mismatch"
+    assert record.metrics["requests_off"] == 0 and record.metrics["schedule_steps_off"] == 1
+    assert "planned schedule" in record.reason
+    assert record.tags["phases_cover"].startswith("none")
+
+
+def test_a_gate_switched_off_leaves_the_trial_unverified() -> None:
+    req = request(GateSettings(enabled=False))
+    record = new_record(req)
+    run_trial(req, record)
+    assert record.status == "unverified" and "switched off" in record.reason
+    assert record.tags["correctness_gate"] == "disabled" and not gate_coverage(record.metrics)
+    assert record.metrics["output_tok_s"] > 0
+
+
+def test_phase_samples_spread_over_each_class() -> None:
+    plan = plan_schedule(
+        [len(p) for p in WORKLOAD.prompts()], WORKLOAD.output_lens(), num_blocks=33, block_size=16,
+        max_num_seqs=4, max_num_batched_tokens=48, max_model_len=96,
+    )
+    samples = choose_samples(plan, 2)
+    assert set(samples) == {s.step_class for s in plan}
+    for name, steps in samples.items():
+        of_class = [s for s in plan if s.step_class == name]
+        assert len(steps) == min(2, len(of_class)) and all(s.step_class == name for s in steps)
+        assert len({s.index for s in steps}) == len(steps)
+
+
+def test_phase_clock_counts_and_times_wrapped_calls() -> None:
+    import torch
+
+    clock = PhaseClock(torch.device("cpu"))
+    work = clock.wrap("attention", lambda n: sum(range(n)))
+    timed = clock.measure(lambda: [work(n=20000) for _ in range(3)])
+    assert clock.calls["attention"] == 3 and clock.calls["metadata"] == 0
+    assert timed["metadata"] == 0 and 0 < timed["attention"] <= timed["step"]
