@@ -12,6 +12,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from novainfer import LLM, SamplingParams
 from novainfer.ab.experiment import ExperimentError, check_runnable, load_experiment, plan_trials
 from novainfer.ab.workload import Workload, teacher_forcing_inputs
 
@@ -100,14 +102,16 @@ class CliRun(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+    seconds: float
 
 
-def run_cli(path: Path) -> CliRun:
+def run_cli(path: Path, timeout: float = 120) -> CliRun:
+    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(path), "--dry-run"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=timeout,
     )
-    return CliRun(path, proc.returncode, proc.stdout, proc.stderr)
+    return CliRun(path, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +138,29 @@ def test_malformed_file_is_one_line_naming_file_field_and_problem(name: str, cli
     assert case.problem in lines[0].removeprefix(prefix), lines[0]
 
 
+def test_huge_repeats_fail_through_the_cli_at_once(tmp_path: Path) -> None:
+    """Once a MemoryError traceback after minutes of building a billion-trial plan; the bound is now checked on
+    the file, so the CLI answers like any schema error (a fraction of a second alone). Run on its own, with a
+    short timeout, so a regression fails here instead of stalling the shared CLI fixture."""
+    path = write(tmp_path, variant("repeats = 2", "repeats = 1000000000"))
+    run = run_cli(path, timeout=30)
+    assert (run.returncode, run.stdout) == (2, ""), run
+    assert run.stderr.splitlines() == [f"nova-ab: {path}: sweep.repeats: must be <= 1000, got 1000000000"], run
+    assert run.seconds < 10, run
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_experiments_validate_in_dry_run(name: str, cli_runs: dict[str, CliRun]) -> None:
     run = cli_runs[name]
     assert run.returncode == 0, run.stderr
     experiment = load_experiment(run.path)
-    header, *trial_lines = run.stdout.splitlines()
-    assert header.startswith(f"sweep {experiment.sweep_id}: {len(experiment.arms)} arms x ")
+    header, *lines = run.stdout.splitlines()
+    assert header.startswith(f"sweep {experiment.name} #")
+    assert f" · {experiment.sweep_id}: {len(experiment.arms)} arms x " in header
+    arm_lines = [line for line in lines if line.startswith("  arm ")]
+    assert len(arm_lines) == len(experiment.arms)
+    assert all("runs here" in line or "skipped here: " in line for line in arm_lines)
+    trial_lines = [line for line in lines if not line.startswith("  arm ")]
     assert [line.split()[-1] for line in trial_lines] == [t.trial_id for t in plan_trials(experiment)]
 
 
@@ -195,6 +215,34 @@ def load_error(tmp_path: Path, text: str) -> ExperimentError:
          "use only letters, digits, '.', '_' and '-', got 'my sweep'"),
         (variant("output_len = [8, 32]", "output_len = 32"), "workload.output_len", "expected [lo, hi]"),
         (variant("[sweep.axes]", "[sweep.axes.nested]"), "sweep.axes.nested", "expected a list"),
+        # Bounds: a typo (an extra zero, TOML's inf) is a file error, not hours of work or a MemoryError.
+        (variant("repeats = 2", "repeats = 1001"), "sweep.repeats", "must be <= 1000, got 1001"),
+        (variant("max_num_batched_tokens = [64, 512]", f"max_num_batched_tokens = {list(range(64, 75))}")
+         .replace("repeats = 2", "repeats = 1000"), "sweep.repeats", "11 arms x 1000 repeats = 11,000 trials"),
+        (variant("max_num_batched_tokens = [64, 512]",
+                 f"max_num_batched_tokens = {list(range(64, 165))}\nmax_num_seqs = {list(range(1, 102))}")
+         .replace("repeats = 2", "repeats = 1"), "sweep.axes", "10,201 arms"),
+        (variant("repeats = 2", "repeats = 2\ntrial_timeout_s = inf"), "sweep.trial_timeout_s",
+         "must be a finite number, got inf"),
+        (variant("repeats = 2", "repeats = 2\ntrial_timeout_s = nan"), "sweep.trial_timeout_s",
+         "must be a finite number, got nan"),
+        (variant("repeats = 2", "repeats = 2\ntrial_timeout_s = 604801"), "sweep.trial_timeout_s",
+         "must be <= 604800"),
+        (variant("num_seqs = 4", "num_seqs = 100001"), "workload.num_seqs", "must be <= 100000, got 100001"),
+        (variant("input_len = [16, 64]", "input_len = [16, 1000001]"), "workload.input_len",
+         "lengths must be at most 1,000,000, got [16, 1000001]"),
+        (variant("output_len = [8, 32]", "output_len = [8, 10000000]"), "workload.output_len", "at most 1,000,000"),
+        # A KV cache that cannot hold the longest request (64 + 32 = 96 tokens: 6 blocks of 16) on its own.
+        (variant('device = "cpu"', 'device = "cpu"\nkv_cache_capacity = 80'), "engine.kv_cache_capacity",
+         "80 tokens make 5 KV blocks of 16 tokens, but the longest request (input hi 64 + output hi 32 = 96 tokens) "
+         "needs 6"),
+        (variant('backend = ["native"]', 'backend = ["native"]\nkv_cache_capacity = [1024, 64]'),
+         "sweep.axes.kv_cache_capacity", "arm backend=native,kv_cache_capacity=64,max_num_batched_tokens=64: 64 "),
+        # Blocks of 64 round 65 tokens up to 2 blocks, enough for 96; blocks of 16 give 5, one short.
+        (variant('device = "cpu"', 'device = "cpu"\nkv_cache_capacity = 65') + "block_size = [64, 16]\n",
+         "engine.kv_cache_capacity", "block_size=16: 65 tokens make 5 KV blocks of 16 tokens"),
+        (BASE + '[[sweep.peers]]\npeer = "transformers"\nkv_cache_capacity = 80\n', "sweep.peers[0].kv_cache_capacity",
+         "needs 6"),
     ],
 )
 def test_other_errors_name_field_and_problem(tmp_path: Path, text: str, field: str, problem: str) -> None:
@@ -202,6 +250,19 @@ def test_other_errors_name_field_and_problem(tmp_path: Path, text: str, field: s
     assert (error.field, error.file) == (field, str(tmp_path / "experiment.toml"))
     assert problem in error.problem, str(error)
     assert str(error) == f"{error.file}: {field}: {error.problem}"
+
+
+def test_kv_capacity_check_draws_the_engines_line(tmp_path: Path) -> None:
+    """The file check and the engine agree at the boundary: 81 tokens make 6 blocks of 16 (rounded up, as
+    num_kv_blocks does), enough for BASE's longest request of 96 tokens; 80 make 5."""
+    load_experiment(write(tmp_path, variant('device = "cpu"', 'device = "cpu"\nkv_cache_capacity = 81')))
+    longest = SamplingParams(max_tokens=32, ignore_eos=True)
+    settings = dict(device="cpu", max_model_len=128, warm_up=False)
+    (out,) = LLM("random:qwen2-tiny", kv_cache_capacity=81, **settings).generate([[1] * 64], longest)
+    assert out.num_output_tokens == 32
+    load_error(tmp_path, variant('device = "cpu"', 'device = "cpu"\nkv_cache_capacity = 80'))
+    with pytest.raises(ValueError, match="needs 6 KV blocks but the cache has 5"):
+        LLM("random:qwen2-tiny", kv_cache_capacity=80, **settings).generate([[1] * 64], longest)
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -110,10 +110,32 @@ def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> No
     artifacts = {a.path for a in client(tmp_path).list_artifacts(children[0].info.run_id)}
     assert "config.json" in artifacts
 
+    # The parent answers the A/B question: names that lead with what differs, per-arm summary metrics, the
+    # verdict as its description, one plot, the workload as its dataset, and a view the sweep links to.
+    parent = parents[0]
+    assert parent.info.run_name.startswith("smoke #1 · ")
+    assert sorted(c.info.run_name for c in children) == ["bt=512 · #0", "bt=512 · #1", "bt=64 · #0", "bt=64 · #1"]
+    for arm in ("bt:64", "bt:512"):
+        assert parent.data.metrics[f"{arm}: median_tok_s"] > 0 and parent.data.metrics[f"{arm}: verified"] == 1
+    assert parent.data.metrics["bt:64: speedup"] == 1.0
+    assert "engine.max_num_batched_tokens" not in parent.data.params  # the arms override it: not shared
+    assert parent.data.params["sweep.axes.max_num_batched_tokens"] == "[64, 512]"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.splitlines()[0].startswith(("No winner", "bt=")) and "| bt=64 (baseline) |" in note
+    assert [a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)].count("comparison.png") == 1
+    (dataset,) = client(tmp_path).get_run(parent.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.name == "smoke" and '"num_seqs": 8' in dataset.dataset.source
+    link = next(line for line in result.stdout.splitlines() if "viewStateShareKey=" in line)
+    assert link.endswith(f"viewStateShareKey={parent.info.run_id}")
+    experiment = client(tmp_path).get_experiment_by_name("nova-ab")
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
+    assert view["searchFilter"] == f"tags.`nova.sweep_id` = '{parent.data.tags['nova.sweep_id']}'"
+    assert "metrics.`bt:512: speedup`" in view["selectedColumns"]
+    assert view["compareRunCharts"][0]["metricKey"] == "output_tok_s"  # throughput first
+    assert {c.data.tags["nova.arm_name"] for c in children} == {"bt=64", "bt=512"}
+
     compared = nova_ab(tmp_path, "compare")
     assert compared.returncode == 0, compared.stderr[-2000:]
-    png = next(tmp_path.glob("*.png"))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "max_num_batched_tokens=512" in compared.stdout
 
 

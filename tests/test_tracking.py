@@ -1,7 +1,10 @@
-"""MLflow tracking against a real SQLite store in a temp dir: parents, idempotent children, imports."""
+"""MLflow tracking against a real SQLite store in a temp dir: parents, idempotent children, imports, the
+sweep's summary, named children and workload datasets, and read-only access that creates nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -48,7 +51,10 @@ def _client(store: tuple[str, str]) -> Any:  # an mlflow.MlflowClient; MLflow is
     return MlflowClient(tracking_uri=store[0])
 
 
-def _sweep(sweep_id: str, name: str | None = None) -> SweepInfo:
+WORKLOAD = {"name": "tiny", "num_seqs": 4, "input_len": [8, 16], "output_len": [4, 8], "seed": 0, "output_tokens": 23}
+
+
+def _sweep(sweep_id: str, name: str | None = None, **extra: Any) -> SweepInfo:
     return SweepInfo(
         sweep_id=sweep_id,
         name=name or f"sweep-{sweep_id}",
@@ -56,6 +62,7 @@ def _sweep(sweep_id: str, name: str | None = None) -> SweepInfo:
         params={"sweep.repeats": 3, "engine.max_num_seqs": 64, "sweep.axes": {"backend": ["native", "x"]}},
         experiment_text='[sweep]\nrepeats = 3\nbaseline = "backend=native"\n',
         tags={"host": "test"},
+        **extra,
     )
 
 
@@ -231,12 +238,132 @@ def test_load_sweep_reads_records_back(store: tuple[str, str]) -> None:
         tracker.load_sweep("nope")
 
 
-def test_plot_is_attached_to_the_parent(tracker: Tracker, store: tuple[str, str], tmp_path: Path) -> None:
+def test_summary_replaces_plot_note_and_metrics(tracker: Tracker, store: tuple[str, str], tmp_path: Path) -> None:
     parent = tracker.start_sweep(_sweep("g1"))
-    png = tmp_path / "comparison.png"
-    png.write_bytes(b"\x89PNG\r\n\x1a\n")
-    tracker.log_plot("g1", png)
-    assert "comparison.png" in [a.path for a in _client(store).list_artifacts(parent)]
+    first, second = tmp_path / "compare.png", tmp_path / "later.png"
+    first.write_bytes(b"\x89PNG first")
+    second.write_bytes(b"\x89PNG second")
+    tracker.log_summary("g1", {"speedup x": 1.5, "p_value": 0.2}, "# first", first)
+    tracker.log_summary("g1", {"speedup x": 2.0}, "# second\n\n| arm | x |", second)
+
+    client = _client(store)
+    assert sorted(a.path for a in client.list_artifacts(parent)) == ["comparison.png", "experiment.toml"]
+    assert Path(client.download_artifacts(parent, "comparison.png", str(tmp_path))).read_bytes() == b"\x89PNG second"
+    run = client.get_run(parent)
+    assert run.data.tags["mlflow.note.content"] == "# second\n\n| arm | x |"
+    assert run.data.metrics == {"speedup x": 2.0, "p_value": 0.2}
+    tracker.log_summary("g1", {}, "no plot")  # no PNG: the earlier plot stays
+    assert [a.path for a in client.list_artifacts(parent)].count("comparison.png") == 1
+
+
+def test_finish_sweep_statuses(tracker: Tracker, store: tuple[str, str]) -> None:
+    client = _client(store)
+    for status in ("KILLED", "FAILED", "FINISHED"):
+        parent = tracker.start_sweep(_sweep(f"e-{status}"))
+        tracker.finish_sweep(f"e-{status}", status)
+        assert client.get_run(parent).info.status == status
+    with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
+        tracker.finish_sweep("e-FINISHED", "DONE")
+
+
+def test_children_are_named_by_short_arm_names(store: tuple[str, str], tmp_path: Path) -> None:
+    names = {"backend=native": "native", "backend=x": "x · bt=64"}
+    tracker = Tracker(store[0], "nova-test")
+    parent = tracker.start_sweep(_sweep("c1", arm_names=names))
+    tracker.log_trial(_record("c1", "backend=native", 0))
+    tracker.log_trial(_record("c1", "backend=x", 1))
+    # `nova-ab import` names them from the sweep.json it passes, in a Tracker that never started the sweep.
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.append(_record("c1", "backend=x", 2))
+    Tracker(store[0], "nova-test").import_ledger(ledger.path, _sweep("c1", arm_names=names))
+    # Short names that are not unique in the sweep give way to the labels.
+    clash = Tracker(store[0], "nova-test")
+    other = clash.start_sweep(_sweep("c2", arm_names={"backend=native": "same", "backend=x": "same"}))
+    clash.log_trial(_record("c2", "backend=x", 0))
+
+    named = sorted(r.info.run_name for r in _children(store, parent))
+    assert named == ["native · #0", "x · bt=64 · #1", "x · bt=64 · #2"]
+    assert [r.info.run_name for r in _children(store, other)] == ["backend=x #0"]
+
+
+def test_workload_is_the_input_dataset_of_parent_and_children(tracker: Tracker, store: tuple[str, str]) -> None:
+    parent = tracker.start_sweep(_sweep("w1", workload=WORKLOAD))
+    tracker.log_trial(_record("w1", "backend=native", 0))
+    tracker.start_sweep(_sweep("w1", workload=WORKLOAD))  # a resumed sweep logs it again: still one input
+    client = _client(store)
+    (child,) = _children(store, parent)
+    for run_id in (parent, child.info.run_id):
+        (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
+        dataset = dataset_input.dataset
+        assert (dataset.name, dataset.source_type) == ("tiny", "nova-ab")
+        assert json.loads(dataset.source) == WORKLOAD
+        assert json.loads(dataset.profile) == {"num_seqs": 4, "output_tokens": 23}
+        assert len(dataset.digest) == 8
+    # Another caliber is another dataset.
+    other = tracker.start_sweep(_sweep("w2", workload={**WORKLOAD, "num_seqs": 8}))
+    (other_input,) = client.get_run(other).inputs.dataset_inputs
+    assert other_input.dataset.digest != dataset.digest
+
+
+def test_import_finishes_a_parent_its_dead_sweep_left_running(store: tuple[str, str], tmp_path: Path) -> None:
+    client = _client(store)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    records = [_record("d1", "backend=native", r) for r in range(2)]
+    for record in records:
+        ledger.append(record)
+    dead = Tracker(store[0], "nova-test")  # the sweep dies after its first trial: nobody finishes its parent
+    parent = dead.start_sweep(_sweep("d1"))
+    dead.log_trial(records[0])
+    # A live sweep (--resume) starts its parent, then imports: its parent stays RUNNING.
+    live = Tracker(store[0], "nova-test")
+    live.start_sweep(_sweep("d1"))
+    assert live.import_ledger(ledger.path) == 1
+    assert client.get_run(parent).info.status == "RUNNING"
+
+    assert Tracker(store[0], "nova-test").import_ledger(ledger.path) == 0  # `nova-ab import` afterwards
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time == int(records[-1].finished_at * 1000)
+    # A sweep stopped by Ctrl-C keeps its KILLED.
+    live.finish_sweep("d1", "KILLED")
+    Tracker(store[0], "nova-test").import_ledger(ledger.path)
+    assert client.get_run(parent).info.status == "KILLED"
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_read_only_tracker_creates_no_store(tmp_path: Path) -> None:
+    db = tmp_path / "sub" / "mlflow.db"
+    for uri, missing in ((f"sqlite:///{db}", db), ((tmp_path / "mlruns").as_uri(), tmp_path / "mlruns")):
+        with pytest.raises(TrackingError) as caught:
+            Tracker(uri, "nova-test", create=False)
+        assert str(caught.value) == f"no MLflow store at {missing}"
+        assert _listing(tmp_path) == []
+
+
+def test_read_only_tracker_creates_no_experiment_and_logs_nothing(store: tuple[str, str]) -> None:
+    writer = Tracker(store[0], "nova-read", artifact_location=f"{store[1]}-read")
+    writer.start_sweep(_sweep("ro", workload=WORKLOAD))
+    writer.log_trial(_record("ro", "backend=native", 0))
+    db = Path(store[0].removeprefix("sqlite:///"))
+    root = db.parent
+    before = (_listing(root), hashlib.sha256(db.read_bytes()).hexdigest())
+
+    with pytest.raises(TrackingError) as caught:
+        Tracker(store[0], "nope", create=False)
+    assert str(caught.value) == f"no experiment 'nope' in {store[0]}"
+    reader = Tracker(store[0], "nova-read", create=False)
+    assert [r.trial_id for r in reader.load_sweep("ro")[2]] == ["backend=native#0"]
+
+    assert _client(store).get_experiment_by_name("nope") is None
+    assert (_listing(root), hashlib.sha256(db.read_bytes()).hexdigest()) == before
+
+
+def test_creating_a_store_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    Tracker(f"sqlite:///{tmp_path}/fresh.db", "nova-test")
+    assert capfd.readouterr().err == ""
 
 
 def test_broken_store_raises_one_error_type(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +28,8 @@ from novainfer.plugins import (
 )
 from novainfer.scheduler import Scheduler
 from novainfer.sequence import SamplingParams, Sequence
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -148,17 +150,51 @@ class LLM:
         return torch.cuda.nvtx.range(name) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def add_request(self, prompt: list[int] | str, params: SamplingParams) -> Sequence:
+        """Check one request and queue it; the next `step` or `generate` runs it.
+
+        Raises ValueError (one line) for a request that could never run, and then queues nothing.
+        """
+        seq = self._new_sequence(prompt, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def _new_sequence(self, prompt: list[int] | str, params: SamplingParams) -> Sequence:
+        """A checked request, not yet queued: tokenized, its token ids in the vocabulary, and able to run on
+        this engine (`Scheduler.check`: not empty, within max_model_len, within the KV cache)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.config.model} has no tokenizer: pass prompts as token-id lists")
             prompt = self.tokenizer.encode(prompt)
-        if not prompt:
-            raise ValueError("a prompt needs at least one token")
-        seq = Sequence(prompt, params)
+        seq = Sequence(self._checked_token_ids(prompt, "token id"), params)
+        self.scheduler.check(seq)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self.scheduler.add(seq)
         return seq
+
+    def _forced_sequence(self, prompt: list[int], continuation: Seq[int]) -> Sequence:
+        """A checked teacher-forced request: `prompt`, then exactly `continuation` appended in place of
+        sampled tokens (its ids checked like a prompt's)."""
+        if not continuation:
+            raise ValueError("the continuation is empty; teacher forcing needs at least one token")
+        forced = self._checked_token_ids(continuation, "continuation token id")
+        seq = self._new_sequence(prompt, SamplingParams(max_tokens=len(forced), ignore_eos=True))
+        seq.forced_tokens = forced
+        return seq
+
+    def _checked_token_ids(self, token_ids: Seq[int], what: str) -> list[int]:
+        """`token_ids` as a list, after checking each is an int in [0, vocab_size).
+
+        An id outside the vocabulary would otherwise fail inside the embedding, mid-step, with the request's
+        KV blocks taken. The common case costs two C-speed passes; only a bad list is walked in Python, to
+        name the first bad id and its position.
+        """
+        ids = list(token_ids)
+        vocab = self.model_config.vocab_size
+        if ids and not (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
+            position, token = next((i, t) for i, t in enumerate(ids) if type(t) is not int or not 0 <= t < vocab)
+            problem = "is not an int" if type(token) is not int else f"is outside the vocabulary [0, {vocab})"
+            raise ValueError(f"{what} {token!r} at position {position} {problem}")
+        return ids
 
     @torch.inference_mode()
     def step(self, on_logits: Callable[[Sequence, torch.Tensor], None] | None = None) -> list[Sequence]:
@@ -197,14 +233,17 @@ class LLM:
         """Run every prompt to completion; outputs come back in prompt order.
 
         `on_step(n)` is told the number of output tokens each step produced (for progress bars).
+        All or nothing: every request is checked before any is queued (ValueError naming the prompt's index),
+        and a failure part-way (the model, a backend, `on_step`) drops this call's requests before it is
+        re-raised, so the engine serves the next call.
         """
         if params is None:
             params = SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
-        self._run_to_completion(on_step)
+        seqs = _each_prompt(zip(prompts, per_prompt), lambda pair: self._new_sequence(*pair))
+        self._run_to_completion(seqs, on_step)
         return [
             RequestOutput(
                 s.token_ids[: s.num_prompt_tokens],
@@ -219,38 +258,61 @@ class LLM:
 
         Returns, per prompt, float32 logits [len(continuation), vocab] on the CPU: row i predicts
         continuation[i] given the prompt and continuation[:i]. The same token sequence goes through
-        every backend, so their logits compare position by position.
+        every backend, so their logits compare position by position. All or nothing, as `generate`;
+        continuation tokens are checked against the vocabulary like prompt tokens.
         """
-        collected: dict[int, list[torch.Tensor]] = {}
-        seqs = []
-        for prompt, cont in zip(prompts, continuations):
-            seq = self.add_request(list(prompt), SamplingParams(max_tokens=len(cont), ignore_eos=True))
-            seq.forced_tokens = list(cont)
-            collected[seq.seq_id] = []
-            seqs.append(seq)
+        if len(continuations) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        seqs = _each_prompt(zip(prompts, continuations), lambda pair: self._forced_sequence(*pair))
+        collected: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq in seqs}
 
         def keep(seq: Sequence, row: torch.Tensor) -> None:
             collected[seq.seq_id].append(row.float().cpu())
 
-        self._run_to_completion(None, keep)
+        self._run_to_completion(seqs, None, keep)
         return [torch.stack(collected[s.seq_id]) for s in seqs]
 
     def _run_to_completion(
         self,
+        seqs: list[Sequence],
         on_step: Callable[[int], None] | None,
         on_logits: Callable[[Sequence, torch.Tensor], None] | None = None,
     ) -> None:
-        while self.scheduler.has_unfinished():
-            before = len(self.step_stats)
-            self.step(on_logits)
-            if on_step is not None:
-                on_step(self.step_stats[before].num_sampled)
+        """Queue one call's checked requests and step until the scheduler is empty.
+
+        Any exception part-way (KeyboardInterrupt too) aborts `seqs` in the scheduler, freeing their KV
+        blocks, then propagates: a failed call must not leave requests that every later call would trip on.
+        Requests queued earlier with `add_request` are not this call's and stay queued.
+        """
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+            while self.scheduler.has_unfinished():
+                before = len(self.step_stats)
+                self.step(on_logits)
+                if on_step is not None:
+                    on_step(self.step_stats[before].num_sampled)
+        except BaseException:
+            self.scheduler.abort(seqs)
+            raise
 
     def backend_counters(self) -> dict[str, int]:
         merged: dict[str, int] = {}
         for counters in self.pm.hook.backend_counters():
             merged.update(counters)
         return merged
+
+
+def _each_prompt(requests: Iterable[T], make: Callable[[T], Sequence]) -> list[Sequence]:
+    """`make` applied to every request of one call, all checked before the caller queues any; a ValueError
+    is re-raised naming the request's index in the call ("prompt 2: ...")."""
+    seqs = []
+    for i, request in enumerate(requests):
+        try:
+            seqs.append(make(request))
+        except ValueError as error:
+            raise ValueError(f"prompt {i}: {error}") from None
+    return seqs
 
 
 def _load_tokenizer(model: str) -> Any:

@@ -10,6 +10,7 @@ recomputed later from its tokens so far, so nothing is lost and nothing crashes.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from novainfer.block_manager import BlockManager
@@ -51,8 +52,12 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a request; rejects one that could never run."""
+    def check(self, seq: Sequence) -> None:
+        """Raise ValueError (one line) for a request that could never run: an empty prompt, one longer than
+        max_model_len, or one whose full length needs more KV blocks than the cache has. The one place these
+        rules live: `add` applies them, and the engine calls this to refuse a whole batch before queueing any."""
+        if seq.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty; a request needs at least one prompt token")
         total = seq.num_prompt_tokens + seq.params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -64,7 +69,23 @@ class Scheduler:
             raise ValueError(
                 f"request needs {blocks} KV blocks but the cache has {self.block_manager.num_usable_blocks}"
             )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a request; rejects one that could never run (see `check`)."""
+        self.check(seq)
         self.waiting.append(seq)
+
+    def abort(self, seqs: Seq[Sequence]) -> None:
+        """Drop requests that will not be finished (the call that queued them failed): take them out of the
+        waiting and running queues and give their KV blocks back, so the scheduler is as if they never came.
+        They are marked FINISHED, so aborting twice is harmless; requests already finished are left alone."""
+        ids = {seq.seq_id for seq in seqs if seq.status is not SequenceStatus.FINISHED}
+        self.waiting = deque(seq for seq in self.waiting if seq.seq_id not in ids)
+        self.running = [seq for seq in self.running if seq.seq_id not in ids]
+        for seq in seqs:
+            if seq.seq_id in ids:
+                self.block_manager.free(seq)
+                seq.status = SequenceStatus.FINISHED
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

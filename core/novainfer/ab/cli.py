@@ -6,13 +6,20 @@ Bad input ends with one line on stderr naming the file, the field and the proble
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
 import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
-from novainfer.ab.experiment import ExperimentError, load_experiment, plan_trials
+from novainfer.ab.experiment import Experiment, ExperimentError, load_experiment, plan_trials
 
 EXIT_BAD_INPUT = 2
-EXIT_UNREACHABLE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+FORMATS = ("table", "csv", "json")
 
 
 class UsageError(Exception):
@@ -23,54 +30,132 @@ def _sweep(args: argparse.Namespace) -> int:
     experiment = load_experiment(Path(args.file))
     trials = plan_trials(experiment)
     if args.dry_run:
-        print(f"sweep {experiment.sweep_id}: {len(experiment.arms)} arms x {experiment.sweep.repeats} repeats")
-        for trial in trials:
-            print(f"  {trial.order:3d}  {trial.trial_id}")
-        return 0
+        return _dry_run(experiment, trials, args.resume)
     from novainfer.ab.runner import run_sweep
 
     return run_sweep(experiment, trials, resume=args.resume, tracking_uri=args.tracking_uri)
 
 
+def _dry_run(experiment: Experiment, trials: Sequence[Any], resume: bool) -> int:
+    """What `nova-ab sweep` would do here, in about a second and without GPU work: the sweep's name as the run
+    will give it, each arm and whether it runs on this machine (and why not), then the trials in order."""
+    from novainfer.ab.names import arm_names, sweep_name, trial_name
+    from novainfer.ab.runner import sweep_dir
+
+    _, counter = sweep_dir(experiment, resume, Path(os.getcwd()))
+    names = arm_names(experiment.arms)
+    print(
+        f"sweep {sweep_name(experiment.name, counter, experiment.sweep_id)}: {len(experiment.arms)} arms x "
+        f"{experiment.sweep.repeats} repeats, baseline {names[experiment.baseline_arm]}"
+    )
+    for arm in experiment.arms:
+        reason = _skip_reason(arm)
+        print(f"  arm {names[arm.label]}: {'runs here' if reason is None else f'skipped here: {reason}'}")
+    for trial in trials:
+        print(f"  {trial.order:3d}  {trial_name(names[trial.arm.label], trial.repeat):<28} {trial.trial_id}")
+    return 0
+
+
+def _skip_reason(arm: Any) -> str | None:
+    """Why this arm would not run on this machine, or None. A CUDA arm on a machine without CUDA stops the
+    whole sweep (the file is refused); a backend or peer that cannot run here is recorded as skipped."""
+    from importlib.util import find_spec
+
+    import torch
+
+    if arm.config.device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU and this machine has none (nova-ab sweep refuses the file here)"
+    if arm.peer is not None:
+        from novainfer.ab.peers import PEERS
+
+        peer = PEERS[arm.peer["peer"]]
+        return None if find_spec(peer.package) is not None else f"{arm.peer['peer']} is not installed"
+    from novainfer.engine import resolve_device, resolve_dtype
+    from novainfer.plugins import BackendError, select_backend
+
+    config = arm.config
+    device = resolve_device(config.device)
+    kv_dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
+    try:
+        select_backend(config.backend, device, resolve_dtype(kv_dtype, device), config.block_size)
+    except BackendError as error:
+        return str(error)
+    return None
+
+
 def _compare(args: argparse.Namespace) -> int:
+    """Read-only: a sweep from the MLflow store as a table (or CSV/JSON); a PNG only where --out asks."""
     from novainfer.ab.compare import console, plot, render_table, summarize
     from novainfer.ab.tracking import Tracker, TrackingError
 
     try:
-        tracker = Tracker(args.tracking_uri, args.experiment)
+        tracker = Tracker(args.tracking_uri, args.experiment, create=False)
         sweep_id, baseline, records = tracker.load_sweep(args.sweep)
     except TrackingError as error:
         raise UsageError(str(error)) from error
     summaries = summarize(records, baseline)
-    console().print(render_table(summaries))
-    png = plot(summaries, Path(args.output or f"{sweep_id}.png"), title=sweep_id)
-    tracker.log_plot(sweep_id, png)
-    print(f"plot: {png} (also logged to the sweep's parent run)")
+    if args.format == "table":
+        console().print(render_table(summaries))
+    else:
+        rows = [_summary_row(s) for s in summaries]
+        _write_rows(rows, args.format)
+    if args.out:
+        print(f"plot: {plot(summaries, Path(args.out), title=sweep_id)}", file=sys.stderr)
     return 0
+
+
+def _summary_row(s: Any) -> dict[str, Any]:
+    return {
+        "arm": s.arm, "baseline": s.is_baseline, "measured": s.n_measured, "trials": s.n_trials,
+        "median_tok_s": s.median, "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
+        "speedup": s.speedup, "p_value": s.p_value, "significant": s.significant, "winner": s.winner,
+        "verification": s.verification, "flagged": s.flagged, "requests_off": s.requests_off,
+        "repeats_needed": s.repeats_needed,
+    }
+
+
+def _write_rows(rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=1))
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def _backends(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
     from rich.table import Table
 
+    from novainfer.ab.compare import console
     from novainfer.engine import resolve_dtype
     from novainfer.plugins import discover_backends, unsupported_reason
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype("auto", device)
-    table = Table(title=f"attention backends (checked for {device.type}, {str(dtype).removeprefix('torch.')})")
-    for column in ("backend", "plugin", "version", "devices", "block sizes", "CUDA graphs", "here"):
-        table.add_column(column)
+    rows = []
     for name, backend in sorted(discover_backends().items()):
         caps = backend.spec.capabilities
         reason = unsupported_reason(backend.spec, device, dtype, (caps.block_sizes or (16,))[0])
+        rows.append({
+            "backend": name, "plugin": backend.plugin, "version": backend.version, "devices": ", ".join(caps.devices),
+            "block_sizes": "any" if caps.block_sizes is None else ", ".join(map(str, caps.block_sizes)),
+            "cuda_graphs": caps.cuda_graphs, "here": "available" if reason is None else reason,
+        })
+    if args.format != "table":
+        _write_rows(rows, args.format)
+        return 0
+    table = Table(title=f"attention backends (checked for {device.type}, {str(dtype).removeprefix('torch.')})")
+    for column in ("backend", "plugin", "version", "devices", "block sizes", "CUDA graphs", "here"):
+        table.add_column(column, overflow="fold")  # wrap, never cut a name short
+    for row in rows:
+        here = row["here"]
         table.add_row(
-            name, backend.plugin, backend.version, ", ".join(caps.devices),
-            "any" if caps.block_sizes is None else ", ".join(map(str, caps.block_sizes)),
-            "yes" if caps.cuda_graphs else "no", "[green]available[/]" if reason is None else f"[yellow]{reason}[/]",
+            row["backend"], row["plugin"], row["version"], row["devices"], row["block_sizes"],
+            "yes" if row["cuda_graphs"] else "no",
+            "[green]available[/]" if here == "available" else f"[yellow]{here}[/]",
         )
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -89,22 +174,34 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("novainfer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nova-ab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"nova-ab (novainfer) {_version()}")
+    sub = parser.add_subparsers(dest="command")
     sweep = sub.add_parser("sweep", help="run every trial of an experiment file")
     sweep.add_argument("file", help="experiment TOML file")
     sweep.add_argument("--resume", action="store_true", help="run only the trials missing from the ledger")
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (overrides [mlflow] tracking_uri)")
-    sweep.add_argument("--dry-run", action="store_true", help="validate and print the trial plan, run nothing")
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="validate, say which arms run here, print the plan; run nothing"
+    )
     sweep.set_defaults(func=_sweep)
-    compare = sub.add_parser("compare", help="compare the arms of a logged sweep")
+    compare = sub.add_parser("compare", help="compare the arms of a logged sweep (reads the store, writes nothing)")
     compare.add_argument("sweep", nargs="?", help="sweep id or parent run name (default: the latest)")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store here)")
     compare.add_argument("--experiment", default="nova-ab", help="MLflow experiment name")
-    compare.add_argument("--output", help="where to write the PNG (default: <sweep>.png)")
+    compare.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv or json")
+    compare.add_argument("--out", help="also write the comparison PNG to this path")
     compare.set_defaults(func=_compare)
     backends = sub.add_parser("backends", help="installed backends and whether each runs here")
+    backends.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv or json")
     backends.set_defaults(func=_backends)
     imp = sub.add_parser("import", help="log a sweep ledger into MLflow (skips trials already there)")
     imp.add_argument("ledger", help="a ledger.jsonl written by `nova-ab sweep`")
@@ -115,12 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except (ExperimentError, UsageError) as error:
         print(f"nova-ab: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as interrupt:  # a sweep's own (runner.SweepInterrupted) says how to resume
+        print(f"nova-ab: {interrupt or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

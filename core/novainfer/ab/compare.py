@@ -39,7 +39,7 @@ import statistics
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
+from novainfer.ab.names import metric_prefix
 from novainfer.ab.record import FLAG_STATUSES, MEASURED, RANKABLE, TrialRecord, gate_coverage
 
 if TYPE_CHECKING:
@@ -213,23 +214,26 @@ def geometric_interval(values: Sequence[float], confidence: float = CONFIDENCE) 
     return math.exp(mean - half), math.exp(mean + half)
 
 
-def verdict(summaries: Sequence[ArmSummary]) -> str:
-    """The sweep's answer in one or two plain sentences: the winner and by how much, or why there is none."""
+def verdict(summaries: Sequence[ArmSummary], names: Mapping[str, str] | None = None) -> str:
+    """The sweep's answer in one or two plain sentences: the winner and by how much, or why there is none.
+    `names` gives arms short names (novainfer.ab.names) in place of their labels."""
+    named = names or {}
     baseline = next((s for s in summaries if s.is_baseline), None)
     problem = baseline_problem(baseline)
     if problem is not None or baseline is None:
         return f"No winner: {problem}, so no speedup claims."
+    base = named.get(baseline.arm, baseline.arm)
     winner = next((s for s in summaries if s.winner), None)
     if winner is not None and winner.speedup is not None:
         return (
-            f"{winner.arm} is {winner.speedup:.2f}x {baseline.arm} ({_num(winner.median)} tok/s, "
+            f"{named.get(winner.arm, winner.arm)} is {winner.speedup:.2f}x {base} ({_num(winner.median)} tok/s, "
             f"95% interval {_interval(winner)}), significant after Holm ({_p(winner.p_value)}): WINNER."
         )
     others = [s for s in summaries if not s.is_baseline and s.speedup is not None]
     if not others:
-        return f"No winner: no arm besides the baseline {baseline.arm} has a measured trial."
+        return f"No winner: no arm besides the baseline {base} has a measured trial."
     best = max(others, key=lambda s: s.median or 0.0)
-    return f"No winner: {best.arm} is {best.speedup:.2f}x {baseline.arm}, {_why_not_winner(best)}."
+    return f"No winner: {named.get(best.arm, best.arm)} is {best.speedup:.2f}x {base}, {_why_not_winner(best)}."
 
 
 def _why_not_winner(s: ArmSummary) -> str:
@@ -450,6 +454,57 @@ def _notes(s: ArmSummary) -> str:
     elif s.undecided is not None:
         notes.append(s.undecided)
     return ", ".join(notes)
+
+
+def summary_metrics(summaries: Sequence[ArmSummary], names: dict[str, str]) -> dict[str, float]:
+    """The sweep's answer as metrics of its parent run, per arm (by its short name, novainfer.ab.names):
+    median tok/s, speedup against the baseline, the interval's bounds, ok trials of all, and whether it is
+    verified (1) or not (0). What an arm lacks (no speedup claim, too few repeats) is left out, not zero."""
+    metrics: dict[str, float] = {}
+    for s in summaries:
+        prefix = metric_prefix(names.get(s.arm, s.arm))
+        # Rounded as the table shows them: MLflow's columns print every digit of a float.
+        values = {
+            "median_tok_s": _rounded(s.median, 1),
+            "speedup": _rounded(s.speedup, 3),
+            "ci_low": _rounded(s.ci[0], 1) if s.ci else None,
+            "ci_high": _rounded(s.ci[1], 1) if s.ci else None,
+            "ok_trials": s.n_ok,
+            "trials": s.n_trials,
+            "verified": float(s.verification == "verified"),
+            "winner": float(s.winner),
+        }
+        metrics.update({f"{prefix}: {key}": value for key, value in values.items() if value is not None})
+    return metrics
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def markdown(summaries: Sequence[ArmSummary], names: dict[str, str], title: str) -> str:
+    """The comparison as Markdown, for the parent run's description: the verdict in words first (the runs
+    table's Description column shows the start), then the sweep's name and one row per arm."""
+    head = (
+        "| arm | trials (measured / all) | median tok/s | 95% interval | speedup | significant (p) | verified "
+        "| requests off | phases: metadata / KV write / attention |"
+    )
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for s in summaries:
+        notes = _notes(s)
+        arm = names.get(s.arm, s.arm) + (f" ({notes})" if notes else "")
+        rows.append(
+            f"| {arm} | {s.n_measured} / {s.n_trials} | {_num(s.median)} | {_interval(s)} | "
+            f"{f'{s.speedup:.3f}x' if s.speedup is not None else '-'} | {_significance(s)} | {_verified_cell(s)} | "
+            f"{s.requests_off if s.requests_off is not None else '-'} | {_phases_cell(s)} |"
+        )
+    labels = "\n".join(f"- {names[s.arm]}: `{s.arm}`" for s in summaries if names.get(s.arm, s.arm) != s.arm)
+    return (
+        f"{verdict(summaries, names)}\n\n{title}\n\n" + "\n".join(rows)
+        + (f"\n\nArms:\n{labels}" if labels else "")
+        + "\n\nIntervals: t-interval of log tok/s; significance: Welch on log tok/s, Holm-adjusted; an arm "
+        "whose gate failed, whose caliber is off, or that is unverified never wins.\n"
+    )
 
 
 # Bar colour, hatch and legend label of each kind of arm in the PNG, in legend order.

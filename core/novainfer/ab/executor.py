@@ -60,12 +60,16 @@ class LocalSubprocessExecutor:
                 try:
                     returncode = proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    _kill(proc)
                     record = new_record(request)
                     record.status, record.reason = "timeout", f"killed after the trial timeout of {timeout_s:g} s"
                     record.started_at, record.finished_at = started, time.time()
                     return record
+                except BaseException:
+                    # Ctrl-C reaches only this process (the trial runs in a session of its own): take the trial
+                    # down with it, then let the interrupt go on.
+                    _kill(proc)
+                    raise
                 finally:
                     reader.join(timeout=5)
             if result_path.exists():
@@ -74,9 +78,24 @@ class LocalSubprocessExecutor:
         record.status = "failed"
         record.reason = f"trial process exited with code {returncode} and no result; see {log_path}"
         if returncode < 0:
-            record.reason = f"trial process killed by signal {-returncode} (out of memory?); see {log_path}"
+            record.reason = f"trial process killed by {_signal_name(-returncode)}; see {log_path}"
         record.started_at, record.finished_at = started, time.time()
         return record
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the trial and every process it started (its process group), and reap it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_name(number: int) -> str:
+    """"SIGSEGV"; SIGKILL from outside a timeout is most often the kernel's out-of-memory killer."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    return f"{name} (out of memory?)" if number == signal.SIGKILL else name
 
 
 def _die_with_parent() -> None:

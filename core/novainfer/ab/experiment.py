@@ -18,6 +18,13 @@ The axes' cartesian product gives our engine's arms; each [[sweep.peers]] entry 
 engine on the same workload, labelled by what the entry says ("peer=vllm", "peer=transformers,cuda_graphs=false"),
 not crossed with the axes. A baseline may name a peer: baseline = { peer = "vllm" }.
 
+Bounds, so that a typo (an extra zero, `inf`) is a file error instead of a MemoryError or hours of work; each
+is far above any sweep we run:
+    workload.num_seqs <= 100,000 and token lengths <= 1,000,000 (longer than any model's context);
+    sweep.repeats <= 1,000, and arms x repeats <= 10,000 trials (checked before the arms or the plan are built);
+    sweep.trial_timeout_s <= 604,800 (7 days); no float anywhere may be inf or nan.
+A numeric kv_cache_capacity must hold the workload's longest request (input hi + output hi tokens) on its own.
+
 Every problem is reported as one `ExperimentError` line, `<file>: <field>: <problem>`, the field a dotted path
 into the file (`workload.input_len`, `sweep.axes.block_size`), so the CLI can print it and exit 2.
 
@@ -30,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -48,6 +56,12 @@ from novainfer.models.presets import PRESETS, RANDOM_PREFIX
 # Where a CPU-only machine should go instead of a CUDA experiment.
 CPU_EXPERIMENT = "experiments/smoke.toml"
 DEFAULT_WARMUP_SEQS = 8
+# The bounds of the module docstring.
+MAX_NUM_SEQS = 100_000
+MAX_TOKEN_LEN = 1_000_000
+MAX_REPEATS = 1_000
+MAX_TRIALS = 10_000
+MAX_TRIAL_TIMEOUT_S = 7 * 24 * 3600
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 ENGINE_FIELDS = tuple(f.name for f in fields(EngineConfig))
 
@@ -69,11 +83,12 @@ class ExperimentError(ValueError):
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # TOML has inf and nan; neither is a meaningful value for any float in the file.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _length_range(value: Any) -> tuple[int, int]:
-    """An inclusive [lo, hi] token-length range, 1 <= lo <= hi."""
+    """An inclusive [lo, hi] token-length range, 1 <= lo <= hi <= MAX_TOKEN_LEN."""
     if (
         not isinstance(value, list | tuple)
         or len(value) != 2
@@ -85,6 +100,8 @@ def _length_range(value: Any) -> tuple[int, int]:
         raise ValueError(f"lengths must be at least 1, got [{lo}, {hi}]")
     if lo > hi:
         raise ValueError(f"lo ({lo}) > hi ({hi})")
+    if hi > MAX_TOKEN_LEN:
+        raise ValueError(f"lengths must be at most {MAX_TOKEN_LEN:,}, got [{lo}, {hi}]")
     return lo, hi
 
 
@@ -93,7 +110,7 @@ class WorkloadTable(_Table):
 
     # The name becomes part of the sweep's directory name (and a glob pattern), hence the plain characters.
     name: str | None = Field(None, pattern=NAME_PATTERN)
-    num_seqs: int = Field(gt=0)
+    num_seqs: int = Field(gt=0, le=MAX_NUM_SEQS)
     input_len: tuple[int, int]
     output_len: tuple[int, int]
     seed: int = 0
@@ -132,10 +149,10 @@ class SweepTable(_Table):
     """
 
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
-    repeats: int = Field(3, ge=1)
+    repeats: int = Field(3, ge=1, le=MAX_REPEATS)
     order: Literal["interleaved", "blocked"] = "interleaved"
     baseline: dict[str, Any] | None = None
-    trial_timeout_s: float = Field(1800.0, gt=0)
+    trial_timeout_s: float = Field(1800.0, gt=0, le=MAX_TRIAL_TIMEOUT_S)
     warmup_seqs: int | None = Field(None, ge=0)
     correctness: CorrectnessTable = CorrectnessTable()
     peers: list[dict[str, Any]] = []
@@ -358,6 +375,7 @@ def check_runnable(experiment: Experiment) -> None:
 
 
 def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
+    _check_trial_count(path, parsed.sweep)
     wl = parsed.workload
     workload = Workload(wl.num_seqs, wl.input_len, wl.output_len, wl.seed)
     engine_values = parsed.engine.model_dump()
@@ -377,6 +395,7 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
     peer_arms, peers = _peer_arms(path, parsed.sweep.peers, engine_values)
     arms += [_resolved_model(path, arm) for arm in peer_arms]
     _check_lengths(path, workload, arms)
+    _check_kv_capacity(path, workload, arms)
 
     warmup = parsed.sweep.warmup_seqs
     if warmup is None:
@@ -393,6 +412,22 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
     return Experiment(
         path=path, name=name, workload=workload, engine=engine, sweep=sweep, mlflow=parsed.mlflow,
         arms=tuple(arms), baseline=baseline, sweep_id=hashlib.sha256(identity.encode()).hexdigest()[:12],
+    )
+
+
+def _check_trial_count(path: Path, sweep: SweepTable) -> None:
+    """At most MAX_TRIALS trials, counted from the table alone: the arms and the plan are built only after."""
+    num_arms = math.prod(len(values) for values in sweep.axes.values()) + len(sweep.peers)
+    trials = num_arms * sweep.repeats
+    if trials <= MAX_TRIALS:
+        return
+    if num_arms > MAX_TRIALS:  # fewer repeats cannot help: say so where the arms come from
+        raise ExperimentError(
+            path, "sweep.axes", f"{num_arms:,} arms (the axes' product plus the peers) exceed {MAX_TRIALS:,} trials"
+        )
+    raise ExperimentError(
+        path, "sweep.repeats",
+        f"{num_arms} arms x {sweep.repeats} repeats = {trials:,} trials; a sweep has at most {MAX_TRIALS:,}",
     )
 
 
@@ -524,6 +559,28 @@ def _check_lengths(path: Path, workload: Workload, arms: Iterable[Arm]) -> None:
             )
 
 
+def _check_kv_capacity(path: Path, workload: Workload, arms: Iterable[Arm]) -> None:
+    """A numeric kv_cache_capacity must hold the longest request alone, or its arm would fail on the device.
+
+    A capacity of C tokens gets ceil(C / block_size) usable blocks (novainfer.kv_cache.num_kv_blocks adds the
+    scratch block on top; that module imports torch, so its rule is restated here); the longest request needs
+    ceil(longest / block_size), as Scheduler.check counts it.
+    """
+    in_hi, out_hi = workload.input_len[1], workload.output_len[1]
+    longest = in_hi + out_hi
+    for arm in arms:
+        capacity, block_size = arm.config.kv_cache_capacity, arm.config.block_size
+        if capacity == "auto":
+            continue
+        usable, needed = -(-capacity // block_size), -(-longest // block_size)
+        if needed > usable:
+            raise ExperimentError(
+                path, _field("kv_cache_capacity", arm.params, arm.source),
+                f"arm {arm.label}: {capacity} tokens make {usable} KV blocks of {block_size} tokens, but the longest "
+                f"request (input hi {in_hi} + output hi {out_hi} = {longest} tokens) needs {needed}",
+            )
+
+
 def _baseline(path: Path, wanted: dict[str, Any] | None, axes: Mapping[str, list[Any]], arms: list[Arm]) -> Arm:
     if wanted is None:
         return arms[0]
@@ -614,6 +671,8 @@ def _problem(errors: list[Any]) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "finite_number":
+        return f"must be a finite number, got {_show(value)}"
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
         return f"must be {op} {ctx[key]}, got {_show(value)}"

@@ -17,22 +17,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from novainfer.ab.compare import console as comparison_console
-from novainfer.ab.compare import plot, render_table, summarize
+from novainfer.ab.compare import markdown, plot, render_table, summarize, summary_metrics
 from novainfer.ab.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.experiment import Experiment, ExperimentError, TrialSpec, check_runnable
 from novainfer.ab.gate import GateSettings
 from novainfer.ab.ledger import Ledger
+from novainfer.ab.names import arm_names, sweep_name
 from novainfer.ab.record import TrialRecord
 from novainfer.ab.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
 from novainfer.ab.trial import TrialRequest
 
 SWEEPS_DIR = ".nova-ab"
+# The parent's summary metrics shown as columns of the sweep's MLflow view (novainfer.ab.compare.summary_metrics).
+VIEW_COLUMNS = (": median_tok_s", ": speedup", ": verified")
 LEDGER_NAME = "ledger.jsonl"
 SWEEP_INFO_NAME = "sweep.json"
 
 
-def sweep_dir(experiment: Experiment, resume: bool, root: Path) -> Path:
-    """The latest sweep directory of this experiment when resuming, else a new one."""
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep, after the sweep has put its house in order; str() says how to resume."""
+
+
+def sweep_dir(experiment: Experiment, resume: bool, root: Path) -> tuple[Path, int]:
+    """The latest sweep directory of this experiment when resuming, else a new one, and its counter."""
     prefix = f"{experiment.name}-{experiment.sweep_id}-"
     taken = sorted(
         (int(p.name.removeprefix(prefix)), p)
@@ -44,19 +51,37 @@ def sweep_dir(experiment: Experiment, resume: bool, root: Path) -> Path:
             raise ExperimentError(
                 str(experiment.path), "--resume", f"no earlier sweep of this experiment under {root / SWEEPS_DIR}"
             )
-        return taken[-1][1]
-    return root / SWEEPS_DIR / f"{prefix}{taken[-1][0] + 1 if taken else 1}"
+        return taken[-1][1], taken[-1][0]
+    counter = taken[-1][0] + 1 if taken else 1
+    return root / SWEEPS_DIR / f"{prefix}{counter}", counter
 
 
-def sweep_info(experiment: Experiment, run_id: str) -> SweepInfo:
+def sweep_info(experiment: Experiment, directory: Path, counter: int) -> SweepInfo:
+    workload = experiment.workload
     return SweepInfo(
-        sweep_id=run_id,
-        name=run_id,
+        sweep_id=directory.name,
+        name=sweep_name(experiment.name, counter, experiment.sweep_id),
         baseline_arm=experiment.baseline_arm,
-        params=experiment.flat_params(),
+        params=shared_params(experiment),
         experiment_text=experiment.path.read_text(),
         experiment_filename=experiment.path.name,
+        arm_names=arm_names(experiment.arms),
+        workload={
+            "name": experiment.name, "num_seqs": workload.num_seqs, "input_len": list(workload.input_len),
+            "output_len": list(workload.output_len), "seed": workload.seed,
+            "output_tokens": workload.expected_output_tokens,
+        },
     )
+
+
+def shared_params(experiment: Experiment) -> dict[str, object]:
+    """The experiment's settings as flat params, without the [engine] values some arm overrides (its axes,
+    a peer's overrides): the parent run records what its arms share, and the axes say what varies."""
+    varying = {key for arm in experiment.arms for key in arm.params}
+    return {
+        key: value for key, value in experiment.flat_params().items()
+        if not (key.startswith("engine.") and key.split(".")[1] in varying)
+    }
 
 
 def load_sweep_info(ledger_path: Path) -> SweepInfo | None:
@@ -83,13 +108,15 @@ def run_sweep(
     executor: Executor | None = None,
     console: Console | None = None,
 ) -> int:
+    """Run the trials not yet in the ledger. Ctrl-C kills the running trial, keeps the finished ones, marks the
+    parent run KILLED and raises SweepInterrupted, whose message is the command that resumes the sweep."""
     check_runnable(experiment)
     console = console or comparison_console()
     root = Path(os.getcwd())
-    directory = sweep_dir(experiment, resume, root)
+    directory, counter = sweep_dir(experiment, resume, root)
     run_id = directory.name
     ledger = Ledger(directory / LEDGER_NAME)
-    info = sweep_info(experiment, run_id)
+    info = sweep_info(experiment, directory, counter)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SWEEP_INFO_NAME).write_text(json.dumps(asdict(info), indent=1))
     executor = executor or LocalSubprocessExecutor(directory / "logs")
@@ -97,7 +124,56 @@ def run_sweep(
     todo = [t for t in trials if t.trial_id not in done]
     uri = tracking_uri or experiment.mlflow.tracking_uri or default_tracking_uri()
     tracker = _connect(uri, experiment.mlflow.experiment, info, ledger, console)
-    console.print(f"sweep [bold]{run_id}[/]: {len(todo)} of {len(trials)} trials to run; ledger {ledger.path}")
+    console.print(f"sweep [bold]{info.name}[/]: {len(todo)} of {len(trials)} trials to run; ledger {ledger.path}")
+    try:
+        tracker = _run_trials(experiment, todo, info, executor, ledger, tracker, console)
+    except KeyboardInterrupt:
+        if tracker is not None:
+            _end(tracker, run_id, "KILLED", console)
+        resume_command = f"nova-ab sweep {experiment.path} --resume"
+        if tracking_uri:
+            resume_command += f" --tracking-uri {tracking_uri}"
+        raise SweepInterrupted(
+            f"interrupted: {len(ledger.done_trial_ids())} of {len(trials)} trials are in the ledger; "
+            f"resume with: {resume_command}"
+        ) from None
+    summaries = summarize(ledger.records(), experiment.baseline_arm)
+    console.print(render_table(summaries))
+    png = plot(summaries, directory / "compare.png", title=info.name)
+    view = None
+    if tracker is not None:
+        try:
+            metrics = summary_metrics(summaries, info.arm_names)
+            tracker.log_summary(run_id, metrics, markdown(summaries, info.arm_names, info.name), png)
+            view = tracker.share_view(run_id, [key for key in metrics if key.endswith(VIEW_COLUMNS)])
+        except TrackingError as error:
+            console.print(f"[yellow]MLflow: {error}[/]")
+            tracker = None
+    if tracker is not None:
+        tracker = _end(tracker, run_id, "FINISHED", console)
+    if tracker is None or view is None:
+        console.print(f"MLflow was not reachable: log this sweep later with `nova-ab import {ledger.path}`")
+    else:
+        base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        console.print(
+            f"MLflow: {uri} (experiment {experiment.mlflow.experiment!r}); open it with `{_ui_command(uri)}`, "
+            f"then this sweep's comparison: {base.rstrip('/')}/{view}",
+            soft_wrap=True,
+        )
+    return 0
+
+
+def _run_trials(
+    experiment: Experiment,
+    todo: list[TrialSpec],
+    info: SweepInfo,
+    executor: Executor,
+    ledger: Ledger,
+    tracker: Tracker | None,
+    console: Console,
+) -> Tracker | None:
+    """Each trial through the executor, into the ledger, then to MLflow; returns the tracker, or None once
+    the store has failed."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
@@ -113,7 +189,7 @@ def run_sweep(
 
         for trial in todo:
             progress.update(overall, description=f"trials [{trial.trial_id}]")
-            request = trial_request(experiment, run_id, trial)
+            request = trial_request(experiment, info.sweep_id, trial)
             record = executor.run(request, experiment.sweep.trial_timeout_s, on_progress)
             ledger.append(record)  # durable before anything else may fail
             progress.console.print(_one_line(record))
@@ -121,21 +197,16 @@ def run_sweep(
                 tracker = _log(tracker, record, console)
             progress.advance(overall)
             progress.update(tokens, visible=False)
-    summaries = summarize(ledger.records(), experiment.baseline_arm)
-    console.print(render_table(summaries))
-    png = plot(summaries, directory / "compare.png", title=run_id)
-    if tracker is not None:
-        try:
-            tracker.log_plot(run_id, png)
-            tracker.finish_sweep(run_id)
-        except TrackingError as error:
-            console.print(f"[yellow]MLflow: {error}[/]")
-            tracker = None
-    if tracker is None:
-        console.print(f"MLflow was not reachable: log this sweep later with `nova-ab import {ledger.path}`")
-    else:
-        console.print(f"MLflow: {uri} (experiment {experiment.mlflow.experiment!r}); open it with `{_ui_command(uri)}`")
-    return 0
+    return tracker
+
+
+def _end(tracker: Tracker, run_id: str, status: str, console: Console) -> Tracker | None:
+    try:
+        tracker.finish_sweep(run_id, status)
+        return tracker
+    except TrackingError as error:
+        console.print(f"[yellow]MLflow: {error}[/]")
+        return None
 
 
 def _connect(uri: str, name: str, info: SweepInfo, ledger: Ledger, console: Console) -> Tracker | None:

@@ -1,59 +1,87 @@
 """MLflow logging of sweeps: one parent run per sweep, one child run per trial.
 
 Layout in the experiment:
-- parent run (tags nova.kind=sweep, nova.sweep_id, nova.baseline_arm): params = the experiment's
-  settings, artifacts = the experiment file and the comparison plot.
-- child run per trial (tags mlflow.parentRunId, nova.kind=trial, nova.trial_id, nova.arm, ...): params,
-  metrics and tags of the TrialRecord, artifact config.json = the resolved engine config and, for our
-  engine's trials, breakdown.json = the timed run by step class (tag nova.breakdown names it). Its MLflow
-  status is FAILED when the trial did not run to completion (nova.status "failed" or "timeout") and
-  FINISHED otherwise; the verdict itself ("ok", "incorrect", ...) is always the nova.status tag.
+- parent run, named by the sweep (tags nova.kind=sweep, nova.sweep_id, nova.baseline_arm): params = the
+  experiment's settings, artifacts = the experiment file and comparison.png; the summary's metrics and its
+  Markdown note (the run's description, tag mlflow.note.content) answer the A/B question.
+- child run per trial, named "<arm's short name> · #<repeat>" (tags mlflow.parentRunId, nova.kind=trial,
+  nova.trial_id, nova.arm, ...): params, metrics and tags of the TrialRecord, artifact config.json = the
+  resolved engine config and, for our engine's trials, breakdown.json = the timed run by step class (tag
+  nova.breakdown names it). Its MLflow status is FAILED when the trial did not run to completion
+  (nova.status "failed" or "timeout") and FINISHED otherwise; the verdict itself ("ok", "incorrect", ...)
+  is always the nova.status tag.
+- the workload's recipe is the input dataset of the parent and of every child (the runs table's Datasets
+  column), so runs of different calibers are told apart at a glance.
 
 Logging is idempotent: a trial whose child already exists is not logged again, so the runner may log
 live and `import_ledger` may replay the whole ledger afterwards. MLflow is imported lazily, inside
 `Tracker`, so trial subprocesses (and a runner whose store is down) never need it; every store failure
 surfaces as one `TrackingError` with a one-line message.
 
+Faults cost seconds, not minutes: a call to an HTTP server fails within about 8 s (short timeout, one
+retry), a sqlite store is created by one process at a time (a file lock beside it) and a write that loses
+a race with another process is retried. A sweep that dies leaves its parent RUNNING until `import_ledger`
+(`nova-ab import`, or the next `--resume`) touches it.
+
 The ledger is the source of truth: records reach MLflow only after they are in the ledger.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import posixpath
+import random
 import re
+import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.request import pathname2url
+from urllib.request import pathname2url, url2pathname
 
 from novainfer.ab.ledger import Ledger, LedgerError
+from novainfer.ab.names import trial_name
 from novainfer.ab.record import TrialRecord
 
 if TYPE_CHECKING:
-    from mlflow.entities import Metric, Run
+    from mlflow.entities import DatasetInput, Metric, Run
 
 TAG_KIND = "nova.kind"
 TAG_SWEEP_ID = "nova.sweep_id"
 TAG_BASELINE = "nova.baseline_arm"
 TAG_TRIAL_ID = "nova.trial_id"
 TAG_ARM = "nova.arm"
+TAG_ARM_NAME = "nova.arm_name"
 TAG_ARM_PARAMS = "nova.arm_params"
 TAG_REPEAT = "nova.repeat"
 TAG_ORDER = "nova.order"
 TAG_STATUS = "nova.status"
 TAG_REASON = "nova.reason"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"  # MLflow shows it as the run's Markdown description
 CONFIG_ARTIFACT = "config.json"
+# MLflow's UI keeps a shared runs-table view in an experiment tag of this prefix (mlflow/server/js, "share view").
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+# The trials' metrics a sweep's view shows, throughput first, as columns and as its charts.
+VIEW_TRIAL_METRICS = ("output_tok_s", "max_rel_err", "requests_off")
 BREAKDOWN_ARTIFACT = "breakdown.json"
 TAG_BREAKDOWN = "nova.breakdown"
+PLOT_ARTIFACT = "comparison.png"
+DATASET_SOURCE_TYPE = "nova-ab"
+# The workload's recipe keys shown as the dataset's profile.
+_PROFILE_KEYS = ("num_seqs", "output_tokens")
+# The MLflow run statuses a sweep's parent may end with.
+RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Trial statuses whose child run is marked FAILED in MLflow: the trial itself did not complete.
 _FAILED_STATUSES = ("failed", "timeout")
 
@@ -65,6 +93,27 @@ _MAX_KEY_LEN = 250
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 _BATCH = 100
+
+# Bounds on every call to an HTTP store, read by mlflow/utils/rest_utils.py `http_request` on each call
+# (MLflow's defaults: a 120 s timeout and 7 retries with backoff, about 4 minutes per failing call). One try
+# and one retry of at most 4 s each: a failing call costs at most about 8 s (urllib3 sleeps no backoff before
+# a first retry), and a Retry-After header cannot stretch it.
+_HTTP_TIMEOUT_S = 4
+_HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(_HTTP_TIMEOUT_S),
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
+}
+
+# MLflow's sessions on sqlite wait up to 20 s for another writer's lock (PRAGMA busy_timeout in
+# mlflow/store/db/utils.py), but a store's start-up checks wait only pysqlite's 5 s, SQLite answers at once a
+# write that would deadlock ("database is locked"), and two processes inserting the same row (one workload's
+# dataset) race ("UNIQUE constraint failed"). Such a call was rolled back whole: it is repeated after a
+# randomized, doubling pause (about 5 s in all), and then sees the other writer's work.
+_RACE_MESSAGES = ("database is locked", "UNIQUE constraint failed")
+_RACE_RETRIES = 6
 
 
 class TrackingError(RuntimeError):
@@ -98,30 +147,119 @@ def _holds_file_store(mlruns: Path) -> bool:
         return False
 
 
-def _probe_http(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when an HTTP tracking server cannot be reached at all.
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
-    MLflow's client retries a refused connection 7 times with backoff (about 4 minutes) before it gives
-    up, which would stall a sweep that could go on with the ledger alone. Any HTTP answer, even an
-    error (auth, rate limit), means the server is there; MLflow's own handling then applies.
+
+def _probe_http(uri: str, timeout_s: float = _HTTP_TIMEOUT_S) -> None:
+    """Fail fast when an HTTP tracking server cannot serve: no answer in time, or a server error (5xx).
+
+    A client error (401, 403, 404: auth, a proxy without /health) means the server is there; MLflow's own
+    handling then applies.
     """
-    if not uri.startswith(("http://", "https://")):
-        return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise TrackingError(f"MLflow at {uri}: server unreachable: HTTP {exc.code} {exc.reason}") from exc
     except OSError as exc:  # URLError, timeouts, resets
         raise TrackingError(f"MLflow at {uri}: server unreachable: {_one_line(exc)}") from exc
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite URI; None for other stores and in-memory databases."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # MLflow's own dependency; it unquotes the path as MLflow will
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _file_store_dir(uri: str) -> Path | None:
+    """The directory of a file store URI (file:// or a plain path); None for other stores."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(uri) if parsed.scheme == "" else None
+
+
+def _require_store(uri: str) -> None:
+    """Raise unless a local store is already there: connecting to a missing one would create it."""
+    if (db := _sqlite_file(uri)) is not None:
+        if not db.is_file() or db.stat().st_size == 0:
+            raise TrackingError(f"no MLflow store at {db}")
+    elif (directory := _file_store_dir(uri)) is not None and not _holds_file_store(directory):
+        raise TrackingError(f"no MLflow store at {directory}")
+
+
+@contextmanager
+def _store_lock(db: Path | None, create: bool) -> Iterator[None]:
+    """Hold an exclusive lock on `<db>.lock` beside a sqlite store, so that one process at a time connects first.
+
+    MLflow creates and migrates a sqlite schema when a process first connects; two processes doing it at
+    once corrupt the store. The lock file is never removed (removing it would let a third process lock a new
+    file while the second still holds the old one). Read-only access (`create` False) creates no lock file:
+    it locks one that a writer left, else goes on unlocked.
+    """
+    if db is None:
+        yield
+        return
+    lock_path = db.with_name(db.name + ".lock")
+    if create:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    else:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _retry_races(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, repeated while it loses a race with another sqlite writer (see _RACE_MESSAGES)."""
+    for attempt in range(_RACE_RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not any(message in str(exc) for message in _RACE_MESSAGES):
+                raise
+            time.sleep(random.uniform(0.05, 0.1) * 2**attempt)
+    return call(*args, **kwargs)
+
+
+class _RaceRetryingClient:
+    """An MlflowClient on a sqlite store whose every call goes through `_retry_races`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: _retry_races(attribute, *args, **kwargs)
 
 
 @dataclass
 class SweepInfo:
     """What the parent run of a sweep holds.
 
+    sweep_id: the sweep's identity (nova.sweep_id of the parent and of every child).
+    name: the parent run's name.
     params: the experiment's settings (non-string values are logged as JSON).
     experiment_text: the experiment file's text, logged as the artifact `experiment_filename`.
     tags: extra parent tags (host, git commit, ...).
+    arm_names: arm label -> the short name its child runs are named by ("cudnn · bt=64"); an arm without
+        one keeps its label. Empty in a sweep.json written before names existed.
+    workload: the workload's recipe (name, num_seqs, input_len, output_len, seed, output_tokens), logged as
+        the input dataset of the parent and of every child; empty: no dataset.
     """
 
     sweep_id: str
@@ -131,6 +269,8 @@ class SweepInfo:
     experiment_text: str
     experiment_filename: str = "experiment.toml"
     tags: Mapping[str, str] = field(default_factory=dict)
+    arm_names: dict[str, str] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
 
 
 class Tracker:
@@ -145,39 +285,47 @@ class Tracker:
         tracking_uri: str | None = None,
         experiment_name: str = "nova-ab",
         artifact_location: str | None = None,
+        create: bool = True,
     ) -> None:
-        """Connect and get or create the experiment; `artifact_location` only applies to a new one."""
+        """Connect and get the experiment, creating it (and the store) unless `create` is False.
+
+        `artifact_location` only applies to a new experiment. With `create` False (reading, as `nova-ab
+        compare` does) a missing store or experiment is a TrackingError, and nothing is created.
+        """
         # MLflow phones home unless told not to; our machines often have no network, and users did not ask.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         self.uri = tracking_uri or default_tracking_uri()
         self.experiment_name = experiment_name
         self._parents: dict[str, str] = {}  # sweep id -> parent run id
         self._logged: dict[str, set[str]] = {}  # parent run id -> trial ids with a complete child
-        _probe_http(self.uri)
+        self._sweeps: dict[str, SweepInfo] = {}  # sweep id -> its info, where known (names children)
+        self._live: set[str] = set()  # sweeps started here and not finished: their parent stays RUNNING
+        if _is_http(self.uri):
+            # Process-wide, as MLflow reads them; a value the user set wins.
+            for name, value in _HTTP_BOUNDS.items():
+                os.environ.setdefault(name, value)
+            _probe_http(self.uri)
         with self._guard("connecting"):
-            from mlflow import MlflowClient
+            if not create:
+                _require_store(self.uri)
+            db = _sqlite_file(self.uri)
+            with _store_lock(db, create), _quiet("mlflow.store.db.utils"):
+                from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
-            experiment = self._client.get_experiment_by_name(experiment_name)
-            if experiment is None:
-                self._experiment_id = self._client.create_experiment(
-                    experiment_name, artifact_location=artifact_location
-                )
-            elif experiment.lifecycle_stage == "deleted":
-                raise TrackingError(
-                    f"MLflow at {self.uri}: experiment {experiment_name!r} is deleted; restore it "
-                    f"(`mlflow experiments restore -x {experiment.experiment_id}`) or use another name"
-                )
-            else:
-                self._experiment_id = experiment.experiment_id
+                if db is None:
+                    self._client: Any = MlflowClient(tracking_uri=self.uri)
+                else:
+                    self._client = _RaceRetryingClient(_retry_races(MlflowClient, tracking_uri=self.uri))
+                self._experiment_id = self._get_experiment(artifact_location, create)
 
     # -- sweeps ----------------------------------------------------------------------------------------
 
     def start_sweep(self, info: SweepInfo) -> str:
-        """Create the sweep's parent run, or reuse it (found by nova.sweep_id); returns its run id.
+        """Create the sweep's parent run, or reuse it (found by nova.sweep_id) and mark it RUNNING again;
+        returns its run id. Trials logged from here on are named by `info.arm_names`.
 
-        Params and the experiment file are (re)logged on reuse too: same values are a no-op in MLflow,
-        and it completes a parent whose creation was interrupted.
+        Name, params, the experiment file and the workload are (re)logged on reuse too: same values are a
+        no-op in MLflow, and it completes a parent whose creation was interrupted.
         """
         with self._guard(f"starting sweep {info.sweep_id}"):
             run_id = self._find_parent(info.sweep_id)
@@ -190,21 +338,85 @@ class Tracker:
                 run_id = run.info.run_id
                 self._parents[info.sweep_id] = run_id
             else:
-                self._client.update_run(run_id, status="RUNNING")
+                self._client.update_run(run_id, status="RUNNING", name=info.name)
+            self._sweeps[info.sweep_id] = info
+            self._live.add(info.sweep_id)
             tags = {**info.tags, TAG_BASELINE: info.baseline_arm}
             self._log_batch(run_id, params=_params(info.params), tags=_tags(tags))
             self._client.log_text(run_id, info.experiment_text, info.experiment_filename)
+            self._log_workload(run_id, info)
             return run_id
 
     def finish_sweep(self, sweep_id: str, status: str = "FINISHED") -> None:
-        """Mark the parent run ended (an MLflow run status: FINISHED, FAILED or KILLED)."""
+        """Mark the parent run ended: FINISHED (it ran through), KILLED (interrupted, e.g. Ctrl-C) or FAILED."""
+        if status not in RUN_END_STATUSES:
+            raise ValueError(f"finish_sweep status must be one of {', '.join(RUN_END_STATUSES)}, got {status!r}")
         with self._guard(f"finishing sweep {sweep_id}"):
             self._client.set_terminated(self._require_parent(sweep_id), status=status)
+            self._live.discard(sweep_id)
 
-    def log_plot(self, sweep_id: str, path: str | os.PathLike[str]) -> None:
-        """Attach a file (the comparison PNG) to the sweep's parent run, under its own name."""
-        with self._guard(f"logging {path}"):
-            self._client.log_artifact(self._require_parent(sweep_id), os.fspath(path))
+    def log_summary(
+        self,
+        sweep_id: str,
+        metrics: Mapping[str, float],
+        note: str,
+        png: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """The sweep's answer on its parent run: `metrics`, `note` as the run's Markdown description, and
+        `png` (when given) as the artifact comparison.png.
+
+        A later call replaces the description and the plot and adds a newer value of each metric (MLflow
+        shows the latest), so a resumed sweep's summary supersedes the earlier one.
+        """
+        with self._guard(f"logging the summary of sweep {sweep_id}"):
+            run_id = self._require_parent(sweep_id)
+            from mlflow.entities import Metric
+
+            now = _millis(time.time())
+            summary = [Metric(_key(k), float(v), now, 0) for k, v in metrics.items()]
+            self._log_batch(run_id, tags=_tags({TAG_NOTE: note}), metrics=summary)
+            if png is not None:
+                # log_artifact names the artifact after the file; an artifact of the same path is overwritten,
+                # in a local artifact root (a copy) as on an HTTP artifact server (a PUT).
+                with tempfile.TemporaryDirectory(prefix="nova-ab-") as tmp:
+                    plot = shutil.copyfile(png, Path(tmp, PLOT_ARTIFACT))
+                    self._client.log_artifact(run_id, str(plot))
+
+    def share_view(self, sweep_id: str, summary_columns: Sequence[str]) -> str:
+        """Save this sweep's runs as an MLflow shared view and return the UI route that opens it.
+
+        The view lists the sweep's runs only. Its table shows each run's description (the parent's: the
+        verdict), dataset (the caliber), `summary_columns` (the parent's per-arm metrics), and, on the trials
+        (children), throughput, the gate's worst error, requests off their length and the status: the A/B
+        answer in the first row, no clicks. Its charts put throughput first. MLflow's UI keeps such a view as
+        an experiment tag (SHARED_VIEW_PREFIX + key) and opens it from `?viewStateShareKey=<key>`; the key
+        is the parent run's id.
+        """
+        metric = lambda key: f"metrics.`{_key(key)}`"  # noqa: E731 (MLflow UI's column keys)
+        section = "nova-ab"
+        charts = [
+            {"uuid": f"nova-ab-{key}", "type": "BAR", "runsCountToCompare": 100, "metricSectionId": section,
+             "deleted": False, "isGenerated": False, "metricKey": key}
+            for key in VIEW_TRIAL_METRICS
+        ]
+        state = {
+            "searchFilter": f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+            "selectedColumns": [
+                "attributes.`Description`", "attributes.`Dataset`", *map(metric, summary_columns),
+                *map(metric, VIEW_TRIAL_METRICS), f"tags.`{TAG_STATUS}`",
+            ],
+            "compareRunSections": [
+                {"uuid": section, "name": "nova-ab", "display": True, "isReordered": True, "deleted": False,
+                 "isGenerated": False},
+            ],
+            "compareRunCharts": charts,
+        }
+        with self._guard(f"sharing the view of sweep {sweep_id}"):
+            parent = self._require_parent(sweep_id)
+            self._client.set_experiment_tag(self._experiment_id, f"{SHARED_VIEW_PREFIX}{parent}", json.dumps(state))
+            return f"#/experiments/{self._experiment_id}/runs?viewStateShareKey={parent}"
 
     # -- trials ----------------------------------------------------------------------------------------
 
@@ -222,8 +434,10 @@ class Tracker:
     def import_ledger(self, path: str | os.PathLike[str], sweep: SweepInfo | None = None) -> int:
         """Log every record of a ledger not yet in the store; returns how many were logged.
 
-        A sweep with no parent run yet (the store was down for the whole sweep) needs `sweep`, the
-        SweepInfo of that sweep, to create one; that parent is then marked FINISHED.
+        `sweep`, the SweepInfo of the ledger's sweep (its sweep.json), names the children and creates the
+        parent of a sweep that has none yet (the store was down for the whole sweep). A parent of a sweep not
+        started by this Tracker is marked FINISHED when it is still RUNNING: the sweep that ran it died
+        (a live sweep first calls start_sweep on its own Tracker, and that parent is left as it is).
         """
         try:
             records = Ledger(path).records()
@@ -231,8 +445,11 @@ class Tracker:
             raise TrackingError(f"cannot read ledger {path}: {exc}") from exc
         count = 0
         for sweep_id in dict.fromkeys(r.sweep_id for r in records):
-            created = False
+            mine = [r for r in records if r.sweep_id == sweep_id]
+            live = sweep_id in self._live
             with self._guard(f"importing sweep {sweep_id}"):
+                if sweep is not None and sweep.sweep_id == sweep_id:
+                    self._sweeps.setdefault(sweep_id, sweep)
                 if self._find_parent(sweep_id) is None:
                     if sweep is None or sweep.sweep_id != sweep_id:
                         raise TrackingError(
@@ -240,10 +457,9 @@ class Tracker:
                             "import it together with its experiment file"
                         )
                     self.start_sweep(sweep)
-                    created = True
-            count += sum(self.log_trial(r) for r in records if r.sweep_id == sweep_id)
-            if created:
-                self.finish_sweep(sweep_id)
+            count += sum(self.log_trial(r) for r in mine)
+            if not live:
+                self._end_if_running(sweep_id, max(r.finished_at for r in mine))
         return count
 
     # -- reading back ----------------------------------------------------------------------------------
@@ -269,6 +485,40 @@ class Tracker:
             return parent.data.tags[TAG_SWEEP_ID], parent.data.tags.get(TAG_BASELINE, ""), records
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _get_experiment(self, artifact_location: str | None, create: bool) -> str:
+        """The experiment's id; created when missing (and `create`). Should another Tracker create it at the
+        same moment, its experiment is used."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(2):
+            experiment = self._client.get_experiment_by_name(self.experiment_name)
+            if experiment is not None:
+                break
+            if not create:
+                raise TrackingError(f"no experiment {self.experiment_name!r} in {self.uri}")
+            try:
+                return self._client.create_experiment(self.experiment_name, artifact_location=artifact_location)
+            except MlflowException as exc:
+                if attempt or exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"MLflow at {self.uri}: experiment {self.experiment_name!r} is deleted; restore it "
+                f"(`mlflow experiments restore -x {experiment.experiment_id}`) or use another name"
+            )
+        return experiment.experiment_id
+
+    def _end_if_running(self, sweep_id: str, finished_at: float) -> None:
+        """Mark a parent left RUNNING FINISHED, ended when its last trial did (`finished_at`, else now)."""
+        with self._guard(f"finishing sweep {sweep_id}"):
+            run_id = self._require_parent(sweep_id)
+            if self._client.get_run(run_id).info.status == "RUNNING":
+                self._client.set_terminated(run_id, status="FINISHED", end_time=_millis(finished_at or time.time()))
+
+    def _log_workload(self, run_id: str, info: SweepInfo) -> None:
+        if info.workload:
+            self._client.log_inputs(run_id, datasets=[_workload_input(info.workload)])
 
     @contextmanager
     def _guard(self, action: str) -> Iterator[None]:
@@ -348,17 +598,22 @@ class Tracker:
             tags[TAG_REASON] = record.reason
         if record.breakdown:
             tags[TAG_BREAKDOWN] = BREAKDOWN_ARTIFACT
+        info = self._sweeps.get(record.sweep_id)
+        if info is not None:  # "group by nova.arm_name" in MLflow's UI then reads "bt=64", not the whole label
+            tags[TAG_ARM_NAME] = info.arm_names.get(record.arm, record.arm)
         run = self._client.create_run(
             self._experiment_id,
             start_time=start_ms,
             tags={TAG_PARENT: parent_run_id},
-            run_name=f"{record.arm} #{record.repeat}",
+            run_name=self._child_name(record),
         )
         run_id = run.info.run_id
         from mlflow.entities import Metric
 
         metrics = [Metric(_key(k), float(v), end_ms, 0) for k, v in record.metrics.items()]
         self._log_batch(run_id, params=_params(record.params), tags=_tags(tags), metrics=metrics)
+        if info is not None:
+            self._log_workload(run_id, info)
         self._client.log_dict(run_id, record.config, CONFIG_ARTIFACT)
         if record.breakdown:
             self._client.log_dict(run_id, record.breakdown, BREAKDOWN_ARTIFACT)
@@ -366,6 +621,18 @@ class Tracker:
         self._log_batch(run_id, tags=_tags({TAG_TRIAL_ID: record.trial_id}))
         status = "FAILED" if record.status in _FAILED_STATUSES else "FINISHED"
         self._client.set_terminated(run_id, status=status, end_time=end_ms)
+
+    def _child_name(self, record: TrialRecord) -> str:
+        """"<arm's short name> · #<repeat>" where the sweep's arm names are known, else "<arm label> #<repeat>".
+
+        Short names stand only where unique in the sweep, so that child names are unique too.
+        """
+        info = self._sweeps.get(record.sweep_id)
+        names = info.arm_names if info is not None else {}
+        short = names.get(record.arm)
+        if short is None or list(names.values()).count(short) > 1:
+            return f"{record.arm} #{record.repeat}"
+        return trial_name(short, record.repeat)
 
     def _log_batch(
         self,
@@ -439,6 +706,21 @@ def _tags(tags: Mapping[str, str]) -> dict[str, str]:
     return {_key(k): str(v)[:_MAX_TAG_LEN] for k, v in tags.items()}
 
 
+def _workload_input(recipe: Mapping[str, Any]) -> DatasetInput:
+    """The workload's recipe as an MLflow input dataset: digest = a hash of the recipe, source = the recipe."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps(recipe, sort_keys=True, default=str)
+    dataset = Dataset(
+        name=str(recipe.get("name") or "workload"),
+        digest=hashlib.sha256(source.encode()).hexdigest()[:8],
+        source_type=DATASET_SOURCE_TYPE,
+        source=source,
+        profile=json.dumps({k: recipe[k] for k in _PROFILE_KEYS if k in recipe}),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "workload")])
+
+
 def _millis(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -455,6 +737,19 @@ def _no_progress_bars() -> Iterator[None]:
         yield
     finally:
         del os.environ[name]
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only warnings and errors from an MLflow logger within the block: creating a sqlite store would print
+    two INFO lines ("Creating initial MLflow database tables...") into a sweep's output."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,80 @@
+"""The names a person reads in MLflow's runs table: each arm by what sets it apart, each sweep with its counter first.
+
+MLflow's runs table shows about 24 characters of a run's name. An arm's label spells every axis in file
+order ("backend=native,max_num_batched_tokens=64"), so the part that differs is cut off; its short name
+leads with what differs ("native · bt=64") and a trial's child run adds the repeat ("native · bt=64 · #1").
+A sweep's parent run leads with the experiment's name and counter ("smoke #3 · 53613337f43f"), so seven
+sweeps of one file do not all read "smoke-53613337f43f-...".
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+SEPARATOR = " · "
+# Engine settings as they are abbreviated in short names.
+ABBREVIATIONS = {
+    "max_num_batched_tokens": "bt",
+    "max_num_seqs": "seqs",
+    "block_size": "bs",
+    "kv_cache_dtype": "kv",
+    "kv_cache_capacity": "kv_cap",
+    "cuda_graphs": "graphs",
+    "max_model_len": "len",
+    "gpu_memory_utilization": "mem",
+}
+# Axes whose value alone names the arm.
+BARE = ("backend", "peer")
+
+
+class HasParams(Protocol):
+    label: str
+    params: dict[str, Any]
+
+
+def arm_names(arms: Sequence[HasParams]) -> dict[str, str]:
+    """Arm label -> short name: the values that differ between the arms, in the arm's own order; the
+    backend's and a peer's name bare, backend options as key=value, other settings abbreviated. An arm
+    whose short name would not be unique keeps its label."""
+    keys = dict.fromkeys(key for arm in arms for key in arm.params)
+    varying = {
+        key for key in keys
+        if len({_show(arm.params[key]) if key in arm.params else None for arm in arms}) > 1
+    }
+    names = {arm.label: SEPARATOR.join(_parts(arm.params, varying)) or arm.label for arm in arms}
+    taken = Counter(names.values())
+    return {label: name if taken[name] == 1 else label for label, name in names.items()}
+
+
+def _parts(params: dict[str, Any], varying: set[str]) -> list[str]:
+    parts: list[str] = []
+    for key, value in params.items():
+        if key not in varying:
+            continue
+        if key in BARE:
+            parts.append(str(value))
+        elif key == "backend_options" and isinstance(value, dict):
+            parts.extend(f"{k}={_show(v)}" for k, v in value.items())
+        else:
+            parts.append(f"{ABBREVIATIONS.get(key, key)}={_show(value)}")
+    return parts
+
+
+def trial_name(arm_name: str, repeat: int) -> str:
+    return f"{arm_name}{SEPARATOR}#{repeat}"
+
+
+def sweep_name(experiment_name: str, counter: int, sweep_id: str) -> str:
+    return f"{experiment_name} #{counter}{SEPARATOR}{sweep_id}"
+
+
+def metric_prefix(arm_name: str) -> str:
+    """An arm's short name as an MLflow metric-key prefix (keys allow letters, digits, `_-. :/` and spaces)."""
+    return arm_name.replace(SEPARATOR, " ").replace("=", ":")
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,141 @@
+"""`nova-ab` as people use it every day: help, --version, read-only compare, piped tables, dry runs, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_sweep import SMOKE, client, ledger_records, nova_ab, runs, write_experiment
+
+from novainfer.ab.executor import _signal_name
+
+
+def test_bare_nova_ab_prints_help_and_version_says_the_version() -> None:
+    bare = subprocess.run([sys.executable, "-m", "novainfer.ab.cli"], capture_output=True, text=True)
+    assert bare.returncode == 0 and "usage: nova-ab" in bare.stdout and "sweep" in bare.stdout
+    assert bare.stderr == ""
+    version = subprocess.run([sys.executable, "-m", "novainfer.ab.cli", "--version"], capture_output=True, text=True)
+    from importlib.metadata import version as installed
+
+    assert version.returncode == 0 and version.stdout.strip() == f"nova-ab (novainfer) {installed('novainfer')}"
+
+
+def test_compare_in_an_empty_folder_creates_nothing(tmp_path: Path) -> None:
+    result = nova_ab(tmp_path, "compare")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backends_stay_whole_when_piped(tmp_path: Path) -> None:
+    table = nova_ab(tmp_path, "backends", env={"COLUMNS": "60"})
+    assert table.returncode == 0, table.stderr
+    assert "novainfer-plugin-native" in table.stdout.replace("\n", "").replace(" ", "").replace("│", "")
+    assert "…" not in table.stdout and "..." not in table.stdout
+    rows = json.loads(nova_ab(tmp_path, "backends", "--format", "json").stdout)
+    native = next(r for r in rows if r["backend"] == "native")
+    assert native["plugin"] == "novainfer-plugin-native" and native["here"] == "available"
+
+
+def test_dry_run_names_the_sweep_as_the_run_will_and_says_what_is_skipped(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "dry.toml", ["native", "flashinfer"], 1, 60)
+    dry = nova_ab(tmp_path, "sweep", str(exp), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    first = dry.stdout.splitlines()[0]
+    assert first.startswith("sweep dry #1 · ")
+    lines = dry.stdout.splitlines()
+    assert "  arm native: runs here" in lines
+    flashinfer = next(line for line in lines if line.startswith("  arm flashinfer: skipped here: "))
+    assert "pip install novainfer-plugin-flashinfer" in flashinfer
+    assert not (tmp_path / ".nova-ab").exists()  # a dry run writes nothing
+    real = nova_ab(tmp_path, "sweep", str(exp))
+    assert real.returncode == 0, real.stderr
+    sweep_name = first.removeprefix("sweep ").split(":")[0]
+    parents, _ = runs(tmp_path, "nova-ab")
+    assert [p.info.run_name for p in parents] == [sweep_name]
+    again = nova_ab(tmp_path, "sweep", str(exp), "--dry-run")
+    assert again.stdout.startswith("sweep dry #2 · ")
+
+
+def test_compare_formats_and_writes_a_png_only_when_asked(tmp_path: Path) -> None:
+    result = nova_ab(tmp_path, "sweep", str(SMOKE))
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    parent = runs(tmp_path, "nova-ab")[0][0]
+    artifacts = {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)}
+    as_json = nova_ab(tmp_path, "compare", "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    rows = json.loads(as_json.stdout)
+    assert rows[0]["arm"] == "backend=native,max_num_batched_tokens=64" and rows[0]["baseline"]
+    as_csv = nova_ab(tmp_path, "compare", "--format", "csv")
+    assert as_csv.stdout.splitlines()[0].startswith("arm,baseline,measured,trials,median_tok_s")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # compare wrote nothing
+    assert {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)} == artifacts
+    out = tmp_path / "plots" / "cmp.png"
+    out.parent.mkdir()
+    with_png = nova_ab(tmp_path, "compare", "--out", str(out))
+    assert with_png.returncode == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "interrupt.toml", ["native"], 4, 120)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp)], cwd=tmp_path, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ledgers = list(tmp_path.glob(".nova-ab/*/ledger.jsonl"))
+        if ledgers and ledgers[0].read_text().count("\n") >= 1:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.endswith(f"resume with: nova-ab sweep {exp} --resume"), line
+    done = len(ledger_records(tmp_path))
+    assert 1 <= done < 4
+    parents, _ = runs(tmp_path, "nova-ab")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    resumed = nova_ab(tmp_path, "sweep", str(exp), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(r["trial_id"] for r in ledger_records(tmp_path)) == [f"backend=native#{i}" for i in range(4)]
+    parents, children = runs(tmp_path, "nova-ab")
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 4
+
+
+def test_signal_deaths_say_which_signal() -> None:
+    assert _signal_name(signal.SIGSEGV) == "SIGSEGV"
+    assert _signal_name(signal.SIGKILL) == "SIGKILL (out of memory?)"
+    assert _signal_name(200) == "signal 200"
+
+
+def test_two_sweeps_started_together_on_a_fresh_store(tmp_path: Path) -> None:
+    """Each with its own experiment file, one store: both finish, and the store reads back both whole."""
+    files = [write_experiment(tmp_path / f"together{i}.toml", ["native"], 2, 120) for i in range(2)]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(f)], cwd=tmp_path, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for f in files
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+    parents, children = runs(tmp_path, "nova-ab")
+    assert sorted(p.info.run_name.split(" · ")[0] for p in parents) == ["together0 #1", "together1 #1"]
+    assert len(children) == 4 and {p.info.status for p in parents} == {"FINISHED"}
+    for name in ("together0", "together1"):
+        compared = nova_ab(tmp_path, "compare", f"{name} #1 · " + next(
+            p.info.run_name.split(" · ")[1] for p in parents if p.info.run_name.startswith(name)
+        ))
+        assert compared.returncode == 0, compared.stderr
