@@ -7,10 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from test_sweep import SMOKE, client, ledger_records, nova_ab, runs, write_experiment
+from test_sweep import SMOKE, client, ledger_records, nova_ab, runs, wait_for_first_trial, write_experiment
 
 from novainfer.ab.executor import _signal_name
 
@@ -88,12 +87,7 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> Non
         [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp)], cwd=tmp_path, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ledgers = list(tmp_path.glob(".nova-ab/*/ledger.jsonl"))
-        if ledgers and ledgers[0].read_text().count("\n") >= 1:
-            break
-        time.sleep(0.1)
+    wait_for_first_trial(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130

@@ -13,8 +13,10 @@ from scipy import stats
 from novainfer.ab.compare import (
     ArmSummary,
     figure,
+    gpu_blocks,
     holm_adjust,
     legend_categories,
+    markdown,
     plot,
     render_table,
     summarize,
@@ -345,3 +347,132 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = imread(path).shape
     assert width > 500 and height > 200
+
+
+# -- several GPUs: every repeat block (each arm once) on one GPU, compared block by block ----------------
+
+GPUS = ["GPU-a", "GPU-b", "GPU-a", "GPU-b"]  # repeat -> GPU, alternating
+GPU_BASE = [100.0, 130.0, 101.0, 131.5]  # GPU B is 30% faster than GPU A
+GPU_FAST = [b * 1.03 * f for b, f in zip(GPU_BASE, (1.002, 0.999, 1.001, 0.998), strict=True)]  # +3% per block
+GPU_SAME = [b * f for b, f in zip(GPU_BASE, (1.04, 0.97, 1.03, 0.96), strict=True)]  # no effect, noisy
+
+
+def _on(records: list[TrialRecord], gpus: list[str]) -> list[TrialRecord]:
+    """The records with the tags a Ray executor writes: the GPU of each one's repeat block, and the host."""
+    for record in records:
+        record.tags = {"gpu_uuid": gpus[record.repeat], "host": "node-1"}
+    return records
+
+
+def _paired_by_hand(arm: list[float], base: list[float]) -> tuple[list[float], float, tuple[float, float]]:
+    """d = log(arm) - log(baseline) per block; exp(mean d); exp(mean d -+ t(0.975, k-1) sd(d) / sqrt(k))."""
+    d = [math.log(a) - math.log(b) for a, b in zip(arm, base, strict=True)]
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    mean = statistics.fmean(d)
+    return d, math.exp(mean), (math.exp(mean - half), math.exp(mean + half))
+
+
+def test_pairing_by_gpu_finds_a_small_effect_that_the_gpus_hide() -> None:
+    def records() -> list[TrialRecord]:
+        return _trials(BASE, GPU_BASE) + _trials("fast", GPU_FAST) + _trials("same", GPU_SAME)
+
+    summaries = summarize(_on(records(), GPUS), BASE)
+    s = _by_arm(summaries)
+    fast = s["fast"]
+    d_fast, speedup, interval = _paired_by_hand(GPU_FAST, GPU_BASE)
+    d_same, _, _ = _paired_by_hand(GPU_SAME, GPU_BASE)
+    p_fast, p_same = stats.ttest_1samp(d_fast, 0.0).pvalue, stats.ttest_1samp(d_same, 0.0).pvalue
+    assert fast.paired_blocks == 4 and s["same"].paired_blocks == 4 and s[BASE].paired_blocks is None
+    assert fast.speedup == pytest.approx(speedup) and speedup == pytest.approx(1.03, abs=1e-3)
+    assert fast.speedup != pytest.approx(statistics.median(GPU_FAST) / statistics.median(GPU_BASE))
+    assert fast.speedup_ci == pytest.approx(interval) and interval[0] > 1.0
+    # Holm over the two arms, as unpaired: the smaller p doubled, the larger kept >= it.
+    assert fast.p_value == pytest.approx(2 * p_fast) and fast.significant is True
+    assert s["same"].p_value == pytest.approx(max(2 * p_fast, p_same)) and s["same"].significant is False
+    assert fast.winner and not s["same"].winner
+    # Why pairing matters: the GPUs' 30% swamps the arm's 3% when its trials are pooled, as Welch does.
+    assert _welch_by_hand(_logs(GPU_FAST), _logs(GPU_BASE)) > 0.5
+    unpaired = _by_arm(summarize(records(), BASE))
+    assert unpaired["fast"].significant is False and not unpaired["fast"].winner
+
+    assert verdict(summaries) == (
+        f"fast is {speedup:.2f}x {BASE} (paired by GPU over 4 blocks, 95% interval "
+        f"{interval[0]:.2f}-{interval[1]:.2f}x), significant after Holm (p < 0.001): WINNER."
+    )
+    text = _table_text(summaries)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    flat = " ".join(text.split())
+    assert "WINNER, paired by GPU: 4 blocks" in flat and "paired by GPU: 4 blocks, too few repeats" in flat
+    assert "paired t-test" in flat and "Welch" not in flat
+    assert "paired by GPU" in markdown(summaries, {}, "sweep")
+
+
+def test_paired_repeats_needed_use_the_spread_of_the_differences() -> None:
+    same = _by_arm(summarize(_on(_trials(BASE, GPU_BASE) + _trials("same", GPU_SAME), GPUS), BASE))["same"]
+    d, _, _ = _paired_by_hand(GPU_SAME, GPU_BASE)
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)
+    n = math.ceil(z**2 * statistics.variance(d) / math.log(1.02) ** 2)  # one sample; the 2% floor applies
+    assert abs(statistics.fmean(d)) < math.log(1.02) and n > 5  # above the floor of blocks + 1
+    assert same.significant is False and same.repeats_needed == n and same.resolvable_pct == pytest.approx(2.0)
+    assert n != _repeats_by_hand(GPU_SAME, GPU_BASE)[0]  # not the unpaired estimate
+    assert same.undecided == f"too few repeats to tell: ~{n} per arm would resolve a 2% difference at this spread"
+
+
+def _apart_records() -> list[TrialRecord]:
+    """The baseline only on GPU A; "elsewhere", far faster, only on GPU B; "once" on A in repeat 0 only."""
+    return (
+        _on(_trials(BASE, BASE_VALUES), ["GPU-a"] * 4)
+        + _on(_trials("elsewhere", [200.0, 201.0, 199.0, 200.0]), ["GPU-b"] * 4)
+        + _on(_trials("once", [150.0, 151.0, 149.0, 150.0]), ["GPU-a", "GPU-b", "GPU-b", "GPU-b"])
+    )
+
+
+NEVER_MET = "never met the baseline on the same GPU: no paired comparison"
+ONE_BLOCK = "too few repeats to tell: met the baseline on the same GPU in only 1 block, a paired test needs 2"
+
+
+def test_an_arm_that_never_met_the_baseline_on_its_gpu_is_not_compared() -> None:
+    summaries = summarize(_apart_records(), BASE)
+    s = _by_arm(summaries)
+    elsewhere, once = s["elsewhere"], s["once"]
+    assert elsewhere.paired_blocks == 0 and elsewhere.median == 200.0  # measured and shown
+    assert elsewhere.speedup is None and elsewhere.speedup_ci is None
+    assert elsewhere.p_value is None and elsewhere.significant is None and not elsewhere.winner
+    assert elsewhere.undecided == NEVER_MET and elsewhere.repeats_needed is None
+    assert once.paired_blocks == 1 and once.speedup == pytest.approx(150.0 / 100.0)  # repeat 0, on GPU A
+    assert once.speedup_ci is None and once.significant is None and once.undecided == ONE_BLOCK
+    assert not any(x.winner for x in summaries)
+    assert verdict(summaries) == f"No winner: once is 1.50x {BASE} (paired by GPU), {ONE_BLOCK}."
+    text = _table_text(summaries)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    flat = " ".join(text.split())
+    assert NEVER_MET in flat and "paired by GPU: 1 block," in flat and "0 blocks" not in flat
+    alone = summarize([r for r in _apart_records() if r.arm != "once"], BASE)
+    assert verdict(alone) == f"No winner: elsewhere {NEVER_MET}."
+
+
+def test_one_gpu_changes_nothing() -> None:
+    def records() -> list[TrialRecord]:
+        broken = _trials("broken", [0.0], ["failed"])  # not measured
+        return _trials(BASE, BASE_VALUES) + _trials("fast", FAST_VALUES) + _trials("noisy", NOISY_VALUES) + broken
+
+    tagged = _on(records(), ["GPU-a"] * 4)
+    tagged[-1].tags["gpu_uuid"] = "GPU-b"  # another GPU, but no measured trial ran on it
+    summaries, plain = summarize(tagged, BASE), summarize(records(), BASE)
+    assert summaries == plain
+    s = _by_arm(summaries)
+    assert all(x.paired_blocks is None and x.speedup_ci is None for x in summaries)
+    assert s["fast"].speedup == pytest.approx(110.5 / 100.5)  # the ratio of medians, as in test_known_numbers
+    p_fast = _welch_by_hand(_logs(FAST_VALUES), _logs(BASE_VALUES))
+    assert s["fast"].p_value == pytest.approx(2 * p_fast) and s["fast"].winner
+    assert _table_text(summaries) == _table_text(plain) and "paired" not in _table_text(summaries)
+    assert markdown(summaries, {}, "sweep") == markdown(plain, {}, "sweep")
+
+
+def test_gpu_blocks_lists_the_arms_measured_on_each_gpu() -> None:
+    broken = _on(_trials("broken", [0.0], ["failed"]), ["GPU-c"])  # ran there, measured nothing
+    assert gpu_blocks(_apart_records() + broken) == {
+        "GPU-a": [BASE, "once"],
+        "GPU-b": ["elsewhere", "once"],
+    }
+    assert gpu_blocks(_trials(BASE, BASE_VALUES)) == {}  # no gpu_uuid tags: no blocks

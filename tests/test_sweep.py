@@ -59,6 +59,16 @@ def ledger_records(cwd: Path) -> list[dict]:
     return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
 
 
+def wait_for_first_trial(cwd: Path, timeout_s: float = 180) -> None:
+    """Until the sweep running in `cwd` has a trial in its ledger (then a kill lands midway)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ledgers = list(cwd.glob(".nova-ab/*/ledger.jsonl"))
+        if ledgers and ledgers[0].read_text().count("\n") >= 1:
+            return
+        time.sleep(0.1)
+
+
 def write_experiment(path: Path, backends: list[str], repeats: int, timeout_s: float, extra: str = "") -> Path:
     path.write_text(
         f"""
@@ -160,12 +170,7 @@ def test_sigkilled_sweep_is_finished_by_resume_with_one_child_per_trial(tmp_path
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ledgers = list(tmp_path.glob(".nova-ab/*/ledger.jsonl"))
-        if ledgers and ledgers[0].read_text().count("\n") >= 1:
-            break
-        time.sleep(0.2)
+    wait_for_first_trial(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = ledger_records(tmp_path)

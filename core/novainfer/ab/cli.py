@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ class UsageError(Exception):
 
 def _sweep(args: argparse.Namespace) -> int:
     experiment = load_experiment(Path(args.file))
+    if args.executor is not None:
+        experiment = replace(experiment, sweep=experiment.sweep.model_copy(update={"executor": args.executor}))
     trials = plan_trials(experiment)
     if args.dry_run:
         return _dry_run(experiment, trials, args.resume)
@@ -46,7 +49,8 @@ def _dry_run(experiment: Experiment, trials: Sequence[Any], resume: bool) -> int
     names = arm_names(experiment.arms)
     print(
         f"sweep {sweep_name(experiment.name, counter, experiment.sweep_id)}: {len(experiment.arms)} arms x "
-        f"{experiment.sweep.repeats} repeats, baseline {names[experiment.baseline_arm]}"
+        f"{experiment.sweep.repeats} repeats, baseline {names[experiment.baseline_arm]}, "
+        f"executor {experiment.sweep.executor}"
     )
     for arm in experiment.arms:
         reason = _skip_reason(arm)
@@ -85,7 +89,7 @@ def _skip_reason(arm: Any) -> str | None:
 
 def _compare(args: argparse.Namespace) -> int:
     """Read-only: a sweep from the MLflow store as a table (or CSV/JSON); a PNG only where --out asks."""
-    from novainfer.ab.compare import console, plot, render_table, summarize
+    from novainfer.ab.compare import console, gpu_blocks, plot, render_table, summarize
     from novainfer.ab.tracking import Tracker, TrackingError
 
     try:
@@ -96,6 +100,10 @@ def _compare(args: argparse.Namespace) -> int:
     summaries = summarize(records, baseline)
     if args.format == "table":
         console().print(render_table(summaries))
+        blocks = gpu_blocks(records)
+        if len(blocks) > 1:  # a sweep spread over GPUs: which arms met on which (compare pairs them by GPU)
+            for gpu, arms in blocks.items():
+                print(f"on {gpu}: {'; '.join(arms)}")
     else:
         rows = [_summary_row(s) for s in summaries]
         _write_rows(rows, args.format)
@@ -110,7 +118,9 @@ def _summary_row(s: Any) -> dict[str, Any]:
         "median_tok_s": s.median, "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
         "speedup": s.speedup, "p_value": s.p_value, "significant": s.significant, "winner": s.winner,
         "verification": s.verification, "flagged": s.flagged, "requests_off": s.requests_off,
-        "repeats_needed": s.repeats_needed,
+        "repeats_needed": s.repeats_needed, "paired_blocks": s.paired_blocks,
+        "speedup_ci_low": s.speedup_ci[0] if s.speedup_ci else None,
+        "speedup_ci_high": s.speedup_ci[1] if s.speedup_ci else None,
     }
 
 
@@ -191,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (overrides [mlflow] tracking_uri)")
     sweep.add_argument(
         "--dry-run", action="store_true", help="validate, say which arms run here, print the plan; run nothing"
+    )
+    sweep.add_argument(
+        "--executor", choices=("local", "ray"),
+        help="where trials run (overrides [sweep] executor): this machine, or a Ray cluster's GPUs",
     )
     sweep.set_defaults(func=_sweep)
     compare = sub.add_parser("compare", help="compare the arms of a logged sweep (reads the store, writes nothing)")

@@ -21,6 +21,20 @@ right lengths; the other statuses are counted, never measured):
   quantity the test is about): the observed difference, never finer than 2%; and never fewer than one
   more than the arms have, since those did not resolve it (the approximation undershoots at small n).
 
+Blocks: a sweep on several GPUs (the tag gpu_uuid of its measured trials takes more than one value) runs each
+repeat block, every arm once, on one GPU, and GPUs differ: a comparison of the arm's trials on one GPU with
+the baseline's on another would measure the GPUs as much as the arm. There the comparison is paired by block,
+a block being (repeat, gpu_uuid): over the k blocks in which both the arm and the baseline have a measured
+trial, d = log(arm tok/s) - log(baseline tok/s), and
+- speedup: exp(mean d), the geometric mean of the paired ratios (no longer the ratio of medians), with the
+  95% interval exp(mean d +- t(0.975, k-1) * sd(d) / sqrt(k));
+- significance: the paired t-test (d against 0, two-sided), Holm-adjusted over the arms as above; with
+  fewer than 2 blocks there is no test, and an arm that never met the baseline on the same GPU gets no
+  speedup either, so it cannot win;
+- "too few repeats to tell": n = ceil((z_0.975 + z_0.80)^2 s_d^2 / d^2) blocks, s_d the standard deviation
+  of the d, with the same 2% floor, and never fewer than k + 1.
+Trials without a gpu_uuid tag take no part in the pairing. On one GPU, or without the tag, nothing changes.
+
 Verification: an arm is "verified" when every measured trial is "ok" (its correctness gate passed),
 "unverified" when some measured trial is "unverified" (no gate ran), "failed" when some trial is
 "incorrect" (this wins over the other two), "unmeasured" when no trial was measured. An unverified arm's
@@ -61,6 +75,8 @@ ALPHA = 0.05
 CONFIDENCE = 0.95
 POWER = 0.80  # of the "repeats needed" estimate
 FINEST_RATIO = 1.02  # the smallest difference the "repeats needed" estimate aims at
+GPU_TAG = "gpu_uuid"  # the trial's GPU (TrialRecord.tags): the blocks of a sweep on several GPUs
+NEVER_MET = "never met the baseline on the same GPU: no paired comparison"
 
 Verification = Literal["verified", "unverified", "failed", "unmeasured"]
 
@@ -72,8 +88,14 @@ class ArmSummary:
     counts: trials by status. n_ok: "ok" trials; n_measured: "ok" and "unverified" trials.
     median: of output tok/s. mean: the geometric mean of output tok/s. ci: the 95% t-interval of
         log(tok/s), exponentiated, (lo, hi) with lo > 0; None with fewer than 2 measured trials.
-    speedup: median / the baseline's median; None when the baseline cannot carry claims.
-    p_value: Welch's t-test of log(tok/s) against the baseline, Holm-adjusted; None when untested.
+    speedup: median / the baseline's median; when paired by GPU (see the module's docstring), the geometric
+        mean of the paired ratios; None when the baseline cannot carry claims or the arm never met it.
+    speedup_ci: the 95% interval of a paired speedup (2 or more blocks); None otherwise.
+    paired_blocks: the blocks (repeat, GPU) in which the arm met the baseline, when the comparison is paired
+        by GPU; None when it is unpaired (one GPU, no gpu_uuid tags) or not made (the baseline itself, an
+        unmeasured arm, a baseline that cannot carry claims).
+    p_value: Welch's t-test of log(tok/s) against the baseline (the paired t-test when paired),
+        Holm-adjusted; None when untested.
     significant: p_value < 0.05; None ("n/a") when untested, and for the baseline itself.
     repeats_needed, resolvable_pct: when the test cannot tell the arm from the baseline, the repeats per
         arm that would resolve a difference of resolvable_pct percent at the observed spread.
@@ -99,6 +121,8 @@ class ArmSummary:
     mean: float | None
     ci: tuple[float, float] | None
     speedup: float | None = None
+    speedup_ci: tuple[float, float] | None = None
+    paired_blocks: int | None = None
     p_value: float | None = None
     significant: bool | None = None
     repeats_needed: int | None = None
@@ -130,45 +154,116 @@ class ArmSummary:
 
 
 def summarize(records: Iterable[TrialRecord], baseline_arm: str) -> list[ArmSummary]:
-    """One ArmSummary per arm: the baseline first, then the others from fastest to slowest median."""
+    """One ArmSummary per arm: the baseline first, then the others from fastest to slowest median.
+
+    On several GPUs each arm is compared with the baseline paired by block (see the module's docstring)."""
     by_arm: dict[str, list[TrialRecord]] = {}
     for record in sorted(records, key=lambda r: r.order):
         by_arm.setdefault(record.arm, []).append(record)
     summaries = {arm: _summarize_arm(arm, trials, arm == baseline_arm) for arm, trials in by_arm.items()}
     logs = {arm: [math.log(v) for v in _measured_values(trials, HEADLINE)] for arm, trials in by_arm.items()}
+    paired = len(gpu_blocks(t for trials in by_arm.values() for t in trials)) > 1
 
     baseline = summaries.get(baseline_arm)
     if baseline is not None and baseline_problem(baseline) is None and baseline.median:
         raw: dict[str, float] = {}
+        diffs: dict[str, list[float]] = {}
         for arm, summary in summaries.items():
-            if summary.median is not None:
-                summary.speedup = summary.median / baseline.median
+            if summary.median is None:
+                continue
+            if paired and arm != baseline_arm:
+                diffs[arm] = paired_differences(by_arm[arm], by_arm[baseline_arm])
+                _pair(summary, diffs[arm])
+                if len(diffs[arm]) >= 2:
+                    raw[arm] = paired_p_value(diffs[arm])
+                continue
+            summary.speedup = summary.median / baseline.median
             if arm != baseline_arm and len(logs[arm]) >= 2 and len(logs[baseline_arm]) >= 2:
                 raw[arm] = welch_p_value(logs[arm], logs[baseline_arm])
         for arm, p in holm_adjust(raw).items():
             summaries[arm].p_value = p
             summaries[arm].significant = p < ALPHA
         for arm, summary in summaries.items():
-            if arm != baseline_arm and summary.median is not None and not summary.significant:
+            if arm == baseline_arm or summary.median is None or summary.significant:
+                continue
+            if arm in diffs:
+                _resolve_paired(summary, diffs[arm])
+            else:
                 _resolve(summary, logs[arm], logs[baseline_arm])
-        candidates = [
-            s
-            for s in summaries.values()
-            if not s.is_baseline
-            and s.all_ok
-            and s.significant
-            and s.mean is not None
-            and baseline.mean is not None
-            and s.mean > baseline.mean
-            and (s.speedup or 0.0) > 1.0
-        ]
+        candidates = [s for s in summaries.values() if not s.is_baseline and s.all_ok and _faster(s, baseline)]
         if candidates:
-            max(candidates, key=lambda s: s.median or 0.0).winner = True
+            max(candidates, key=_rank).winner = True
 
     return sorted(
         summaries.values(),
         key=lambda s: (not s.is_baseline, s.median is None, -(s.median or 0.0)),
     )
+
+
+def gpu_blocks(records: Iterable[TrialRecord]) -> dict[str, list[str]]:
+    """Which arms have measured trials on which GPU: gpu_uuid tag -> the sorted arm labels (trials without
+    the tag left out). More than one key means the sweep's comparisons are paired by GPU; an arm and the
+    baseline can only be compared where they share a GPU."""
+    arms: dict[str, set[str]] = {}
+    for record in records:
+        gpu = record.tags.get(GPU_TAG)
+        if record.status in MEASURED and gpu is not None and HEADLINE in record.metrics:
+            arms.setdefault(gpu, set()).add(record.arm)
+    return {gpu: sorted(labels) for gpu, labels in sorted(arms.items())}
+
+
+def paired_differences(arm: Iterable[TrialRecord], baseline: Iterable[TrialRecord]) -> list[float]:
+    """log(arm tok/s) - log(baseline tok/s) in every block (repeat, gpu_uuid) where both have a measured
+    trial, in block order (a block's trials averaged on the log scale, should a block hold more than one)."""
+    arm_blocks, base_blocks = _block_logs(arm), _block_logs(baseline)
+    return [
+        statistics.fmean(arm_blocks[block]) - statistics.fmean(base_blocks[block])
+        for block in sorted(arm_blocks.keys() & base_blocks.keys())
+    ]
+
+
+def paired_p_value(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test: the one-sample t-test of the differences against 0 (needs 2
+    or more)."""
+    if statistics.variance(diffs) == 0:
+        # As in welch_p_value: identical differences are a certainty, not noise.
+        return 1.0 if statistics.fmean(diffs) == 0 else 0.0
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def _block_logs(trials: Iterable[TrialRecord]) -> dict[tuple[int, str], list[float]]:
+    blocks: dict[tuple[int, str], list[float]] = {}
+    for t in trials:
+        gpu = t.tags.get(GPU_TAG)
+        if t.status in MEASURED and gpu is not None and HEADLINE in t.metrics:
+            blocks.setdefault((t.repeat, gpu), []).append(math.log(t.metrics[HEADLINE]))
+    return blocks
+
+
+def _pair(summary: ArmSummary, diffs: list[float]) -> None:
+    """Set the paired speedup and its interval from the arm's differences with the baseline (if any)."""
+    summary.paired_blocks = len(diffs)
+    if not diffs:
+        return
+    mean = statistics.fmean(diffs)
+    summary.speedup = math.exp(mean)
+    if len(diffs) >= 2:
+        half = stats.t.ppf((1 + CONFIDENCE) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        summary.speedup_ci = (math.exp(mean - half), math.exp(mean + half))
+
+
+def _faster(s: ArmSummary, baseline: ArmSummary) -> bool:
+    """Significantly faster than the baseline, in the direction its test measured: the paired speedup, or
+    the geometric means (and the medians) of an unpaired comparison."""
+    if not s.significant or (s.speedup or 0.0) <= 1.0:
+        return False
+    return s.paired_blocks is not None or (s.mean is not None and baseline.mean is not None and s.mean > baseline.mean)
+
+
+def _rank(s: ArmSummary) -> float:
+    """What "fastest" means among arms: the paired speedup when paired by GPU (medians mix GPUs), else the
+    median."""
+    return (s.speedup if s.paired_blocks is not None else s.median) or 0.0
 
 
 def baseline_problem(baseline: ArmSummary | None) -> str | None:
@@ -225,15 +320,27 @@ def verdict(summaries: Sequence[ArmSummary], names: Mapping[str, str] | None = N
     base = named.get(baseline.arm, baseline.arm)
     winner = next((s for s in summaries if s.winner), None)
     if winner is not None and winner.speedup is not None:
+        evidence = f"{_num(winner.median)} tok/s, 95% interval {_interval(winner)}"
+        if winner.paired_blocks is not None and winner.speedup_ci is not None:
+            low, high = winner.speedup_ci
+            evidence = f"paired by GPU over {_blocks(winner.paired_blocks)}, 95% interval {low:.2f}-{high:.2f}x"
         return (
-            f"{named.get(winner.arm, winner.arm)} is {winner.speedup:.2f}x {base} ({_num(winner.median)} tok/s, "
-            f"95% interval {_interval(winner)}), significant after Holm ({_p(winner.p_value)}): WINNER."
+            f"{named.get(winner.arm, winner.arm)} is {winner.speedup:.2f}x {base} ({evidence}), "
+            f"significant after Holm ({_p(winner.p_value)}): WINNER."
         )
     others = [s for s in summaries if not s.is_baseline and s.speedup is not None]
     if not others:
+        never = next((s for s in summaries if not s.is_baseline and s.paired_blocks == 0), None)
+        if never is not None:
+            return f"No winner: {named.get(never.arm, never.arm)} {NEVER_MET}."
         return f"No winner: no arm besides the baseline {base} has a measured trial."
-    best = max(others, key=lambda s: s.median or 0.0)
-    return f"No winner: {named.get(best.arm, best.arm)} is {best.speedup:.2f}x {base}, {_why_not_winner(best)}."
+    best = max(others, key=_rank)
+    paired = " (paired by GPU)" if best.paired_blocks is not None else ""
+    return f"No winner: {named.get(best.arm, best.arm)} is {best.speedup:.2f}x {base}{paired}, {_why_not_winner(best)}."
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
 
 
 def _why_not_winner(s: ArmSummary) -> str:
@@ -262,14 +369,35 @@ def _resolve(summary: ArmSummary, arm_logs: list[float], base_logs: list[float])
     pooled_var = (
         (len(arm_logs) - 1) * statistics.variance(arm_logs) + (len(base_logs) - 1) * statistics.variance(base_logs)
     ) / dof
-    if pooled_var == 0:
+    diff = statistics.fmean(arm_logs) - statistics.fmean(base_logs)
+    # Two samples: the difference of two means has twice the variance of one.
+    _repeats_needed(summary, 2 * pooled_var, diff, max(len(arm_logs), len(base_logs)))
+
+
+def _resolve_paired(summary: ArmSummary, diffs: list[float]) -> None:
+    """_resolve for a comparison paired by GPU: the repeats (blocks) the paired test would need."""
+    if not diffs:
+        summary.undecided = NEVER_MET
+        return
+    if len(diffs) < 2:
+        summary.undecided = (
+            "too few repeats to tell: met the baseline on the same GPU in only 1 block, a paired test needs 2"
+        )
+        return
+    _repeats_needed(summary, statistics.variance(diffs), statistics.fmean(diffs), len(diffs))
+
+
+def _repeats_needed(summary: ArmSummary, variance: float, diff: float, have: int) -> None:
+    """n = ceil((z_0.975 + z_0.80)^2 variance / d^2), d = max(|diff|, log FINEST_RATIO), at least have + 1;
+    variance is that of one repeat's contribution to the difference of the logs."""
+    if variance == 0:
         summary.undecided = "no spread between repeats and no difference: nothing to resolve"
         return
-    d = max(abs(statistics.fmean(arm_logs) - statistics.fmean(base_logs)), math.log(FINEST_RATIO))
+    d = max(abs(diff), math.log(FINEST_RATIO))
     z = stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(POWER)
     # Never fewer than one more than the arms have: these did not resolve it (the normal approximation
     # undershoots at small n, where the t distribution's tails are wide).
-    summary.repeats_needed = max(math.ceil(2 * z**2 * pooled_var / d**2), max(len(arm_logs), len(base_logs)) + 1)
+    summary.repeats_needed = max(math.ceil(z**2 * variance / d**2), have + 1)
     summary.resolvable_pct = (math.exp(d) - 1) * 100
     summary.undecided = (
         f"too few repeats to tell: ~{summary.repeats_needed} per arm would resolve "
@@ -346,9 +474,10 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
     The caption explains the columns and ends with the verdict (see verdict), so that every caller that
     prints the table prints the answer too.
     """
+    test = _test(summaries, welch="Welch t-test on log tok/s vs the baseline")
     caption = (
         "n: measured trials (ok + unverified) of all. 95% CI: t-interval of log tok/s (geometric mean). "
-        "sig. (p): Welch t-test on log tok/s vs the baseline, Holm-adjusted p < 0.05. verified: the gate "
+        f"sig. (p): {test}, Holm-adjusted p < 0.05. verified: the gate "
         "passed (or FAILED), step kinds (k) it checked, worst relative error. caliber: requests off their length. "
         "phases: share of the run in metadata/kv write/attention."
     )
@@ -385,6 +514,17 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
             style="bold green" if s.winner else "red" if s.flagged else "yellow" if _unverified(s) else None,
         )
     return table
+
+
+def _test(summaries: Sequence[ArmSummary], welch: str) -> str:
+    """The significance test the comparison used, in words (`welch` when unpaired), for the table's caption
+    and the Markdown."""
+    if any(s.paired_blocks is not None for s in summaries):
+        return (
+            "paired t-test on log tok/s vs the baseline in the same block (repeat, GPU; speedup: geometric "
+            "mean of the paired ratios)"
+        )
+    return welch
 
 
 def _num(value: float | None) -> str:
@@ -449,6 +589,8 @@ def _notes(s: ArmSummary) -> str:
     if _unverified(s):
         notes.append(f"{s.counts['unverified']} UNVERIFIED, never wins")
     notes.extend(f"{n} {status}" for status, n in sorted(s.counts.items()) if status not in MEASURED)
+    if s.paired_blocks:
+        notes.append(f"paired by GPU: {_blocks(s.paired_blocks)}")
     if s.repeats_needed is not None and s.resolvable_pct is not None:
         notes.append(f"too few repeats to tell: ~{s.repeats_needed}/arm for {_pct(s.resolvable_pct)}%")
     elif s.undecided is not None:
@@ -499,10 +641,11 @@ def markdown(summaries: Sequence[ArmSummary], names: dict[str, str], title: str)
             f"{s.requests_off if s.requests_off is not None else '-'} | {_phases_cell(s)} |"
         )
     labels = "\n".join(f"- {names[s.arm]}: `{s.arm}`" for s in summaries if names.get(s.arm, s.arm) != s.arm)
+    test = _test(summaries, welch="Welch on log tok/s")
     return (
         f"{verdict(summaries, names)}\n\n{title}\n\n" + "\n".join(rows)
         + (f"\n\nArms:\n{labels}" if labels else "")
-        + "\n\nIntervals: t-interval of log tok/s; significance: Welch on log tok/s, Holm-adjusted; an arm "
+        + f"\n\nIntervals: t-interval of log tok/s; significance: {test}, Holm-adjusted; an arm "
         "whose gate failed, whose caliber is off, or that is unverified never wins.\n"
     )
 

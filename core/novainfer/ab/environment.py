@@ -52,11 +52,14 @@ def device_tags(device: torch.device) -> dict[str, str]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        uuid = str(props.uuid)
         tags.update(
-            device_name=props.name, driver=_driver_version(), gpu_memory_gib=f"{props.total_memory / 2**30:.1f}"
+            device_name=props.name, driver=_driver_version(), gpu_memory_gib=f"{props.total_memory / 2**30:.1f}",
+            # Which GPU, of several alike: a sweep spread over GPUs compares arms within one (nova-ab compare).
+            gpu_uuid=uuid if uuid.startswith("GPU-") else f"GPU-{uuid}",
         )
     else:
-        tags.update(device_name=platform.processor() or platform.machine(), driver="none")
+        tags.update(device_name=platform.processor() or platform.machine(), driver="none", gpu_uuid="none")
     return tags
 
 

@@ -1,4 +1,11 @@
-"""Where trials run. The runner talks only to `Executor`, so a remote one can replace the local one."""
+"""Where trials run. The runner talks only to `Executor`, so the local one and novainfer.ab.ray_executor's are
+interchangeable: both run each trial in a fresh process, and hand every record back to the runner, which
+alone writes the ledger and MLflow.
+
+The runner hands an executor *repeat blocks*: the trials of one repeat, every arm once, in their planned
+order. An executor runs a block's trials one after another on one device (a GPU or this machine), so each
+repeat compares the arms on the same hardware; blocks may run at once on different devices.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,9 +28,16 @@ from novainfer.ab.trial import TrialRequest, new_record
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
+RecordCallback = Callable[[TrialRecord], None]
+
+
 class Executor(Protocol):
-    def run(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
-        """Run one trial to its record; never raises for what happens inside the trial."""
+    def run(
+        self, blocks: Sequence[Sequence[TrialRequest]], timeout_s: float, on_record: RecordCallback,
+        on_progress: ProgressCallback,
+    ) -> None:
+        """Run every block's trials, calling `on_record` in this process as each trial ends; never raises for
+        what happens inside a trial. `on_progress` may see the running trial's progress events."""
         ...
 
 
@@ -36,11 +50,20 @@ class LocalSubprocessExecutor:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
-        safe_name = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in request.trial_id)
-        log_path = self.log_dir / f"{safe_name}.log"
+    def run(
+        self, blocks: Sequence[Sequence[TrialRequest]], timeout_s: float, on_record: RecordCallback,
+        on_progress: ProgressCallback,
+    ) -> None:
+        """The blocks' trials one after another, in order, on this machine."""
+        for block in blocks:
+            for request in block:
+                on_record(self.run_trial(request, timeout_s, on_progress))
+
+    def run_trial(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
+        """Run one trial to its record; never raises for what happens inside the trial."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{log_name(request.trial_id)}.log"
         with tempfile.TemporaryDirectory() as tmp:
             result_path = Path(tmp) / "result.json"
             request = replace(request, result_path=str(result_path))
@@ -81,6 +104,11 @@ class LocalSubprocessExecutor:
             record.reason = f"trial process killed by {_signal_name(-returncode)}; see {log_path}"
         record.started_at, record.finished_at = started, time.time()
         return record
+
+
+def log_name(trial_id: str) -> str:
+    """A trial's id as a file name."""
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in trial_id)
 
 
 def _kill(proc: subprocess.Popen) -> None:

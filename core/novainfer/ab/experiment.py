@@ -11,7 +11,8 @@ A file has four tables (unknown keys are rejected everywhere, so a typo never si
                 [sweep.correctness] enabled = true, max_rel_err = 1e-2, floor_margin = 2.0, steps_per_kind = 1,
                 [[sweep.peers]] peer = "vllm" | "transformers", then any EngineConfig field but backend and
                 backend_options (overrides of [engine] for this arm), then the peer's own settings
-                (novainfer.ab.peers; transformers: attn_implementation = "sdpa")
+                (novainfer.ab.peers; transformers: attn_implementation = "sdpa"),
+                executor = "local" | "ray", [sweep.ray] gpus_per_trial, cpus_per_trial (novainfer.ab.ray_executor)
     [mlflow]    experiment = "nova-ab", tracking_uri (optional; None lets the tracker pick its default store)
 
 The axes' cartesian product gives our engine's arms; each [[sweep.peers]] entry adds one arm that runs another
@@ -137,6 +138,17 @@ class CorrectnessTable(_Table):
     steps_per_kind: int = Field(1, ge=1)
 
 
+class RayTable(_Table):
+    """[sweep.ray]: what one trial holds on a Ray cluster (`executor = "ray"`, novainfer.ab.ray_executor).
+
+    gpus_per_trial: GPUs per trial; default 1 when any arm runs on CUDA, else 0 (a CPU caliber).
+    cpus_per_trial: CPUs per trial (a CPU caliber's share of a node).
+    """
+
+    gpus_per_trial: float | None = Field(None, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+
+
 class SweepTable(_Table):
     """[sweep]: what varies, how often, in what order, against which baseline.
 
@@ -146,6 +158,9 @@ class SweepTable(_Table):
     peers: one table per peer arm, as written; each is validated against its peer's own schema on load
         (`_peer_arms`: which schema applies depends on its `peer` value) and replaced by its resolved form,
         the peer's defaults filled in.
+    executor: "local" (one trial after another on this machine) or "ray" (repeat blocks spread over a Ray
+        cluster's GPUs); where a sweep runs is not what it measures, so it is not part of the sweep's id,
+        and a sweep started with one executor resumes with the other.
     """
 
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
@@ -156,6 +171,8 @@ class SweepTable(_Table):
     warmup_seqs: int | None = Field(None, ge=0)
     correctness: CorrectnessTable = CorrectnessTable()
     peers: list[dict[str, Any]] = []
+    executor: Literal["local", "ray"] = "local"
+    ray: RayTable = RayTable()
 
 
 class MlflowTable(_Table):
@@ -297,7 +314,7 @@ class Experiment:
 
 
 def _identity(workload: Workload, engine: EngineConfig, sweep: SweepTable, baseline: Arm) -> dict[str, Any]:
-    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline", "peers"})
+    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline", "peers", "executor", "ray"})
     # Axis order decides arm labels and trial order, so it is part of the identity: a dict would be key-sorted.
     sweep_dict["axes"] = [[axis, values] for axis, values in sweep.axes.items()]
     sweep_dict["baseline"] = baseline.label

@@ -114,12 +114,12 @@ def run_sweep(
     console = console or comparison_console()
     root = Path(os.getcwd())
     directory, counter = sweep_dir(experiment, resume, root)
+    executor = executor or make_executor(experiment, directory / "logs")  # a missing Ray: before any file
     run_id = directory.name
     ledger = Ledger(directory / LEDGER_NAME)
     info = sweep_info(experiment, directory, counter)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SWEEP_INFO_NAME).write_text(json.dumps(asdict(info), indent=1))
-    executor = executor or LocalSubprocessExecutor(directory / "logs")
     done = ledger.done_trial_ids()
     todo = [t for t in trials if t.trial_id not in done]
     uri = tracking_uri or experiment.mlflow.tracking_uri or default_tracking_uri()
@@ -187,17 +187,45 @@ def _run_trials(
             elif event.get("event") == "tokens":
                 progress.update(tokens, completed=event["done"], total=event["total"])
 
-        for trial in todo:
-            progress.update(overall, description=f"trials [{trial.trial_id}]")
-            request = trial_request(experiment, info.sweep_id, trial)
-            record = executor.run(request, experiment.sweep.trial_timeout_s, on_progress)
+        def on_record(record: TrialRecord) -> None:
+            nonlocal tracker
             ledger.append(record)  # durable before anything else may fail
             progress.console.print(_one_line(record))
             if tracker is not None:
                 tracker = _log(tracker, record, console)
             progress.advance(overall)
             progress.update(tokens, visible=False)
+
+        requests = [trial_request(experiment, info.sweep_id, trial) for trial in todo]
+        blocks = repeat_blocks(requests) if experiment.sweep.order == "interleaved" else [requests]
+        executor.run(blocks, experiment.sweep.trial_timeout_s, on_record, on_progress)
     return tracker
+
+
+def make_executor(experiment: Experiment, log_dir: Path) -> Executor:
+    """The executor the file (or --executor) names; a Ray that is missing or unreachable is an ExperimentError."""
+    if experiment.sweep.executor == "local":
+        return LocalSubprocessExecutor(log_dir)
+    from novainfer.ab.ray_executor import RayExecutor, RayUnavailable, resources_for
+
+    ray = experiment.sweep.ray
+    resources = resources_for(
+        ray.gpus_per_trial, ray.cpus_per_trial, any(arm.config.device == "cuda" for arm in experiment.arms)
+    )
+    try:
+        return RayExecutor(log_dir, resources)
+    except RayUnavailable as error:
+        raise ExperimentError(str(experiment.path), "sweep.executor", str(error)) from None
+
+
+def repeat_blocks(requests: list[TrialRequest]) -> list[list[TrialRequest]]:
+    """Interleaved trials grouped by repeat (every arm once), each block and the blocks in planned order, so
+    that running them one after another is the plan itself. (A blocked plan, arm after arm, is one block:
+    it means one device, one arm at a time.)"""
+    blocks: dict[int, list[TrialRequest]] = {}
+    for request in sorted(requests, key=lambda r: r.order):
+        blocks.setdefault(request.repeat, []).append(request)
+    return list(blocks.values())
 
 
 def _end(tracker: Tracker, run_id: str, status: str, console: Console) -> Tracker | None:
