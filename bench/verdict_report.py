@@ -57,6 +57,10 @@ def main() -> None:
         print(f"== {path}")
         for record in Ledger(path).records():
             print(trial_row(record))
+            parts = {k.removeprefix("gate_").removesuffix("_seconds"): v for k, v in record.metrics.items()
+                     if k.startswith("gate_") and k.endswith("_seconds") and k != "gate_seconds"}
+            if parts:
+                print("    gate s: " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in parts.items()))
             if args.classes:
                 print("\n".join(class_rows(record)))
 

@@ -86,6 +86,9 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> Non
     proc = subprocess.Popen(
         [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp)], cwd=tmp_path, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        # As at a terminal: a shell that runs the tests in the background hands its children SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for_first_trial(tmp_path)
     proc.send_signal(signal.SIGINT)

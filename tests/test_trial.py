@@ -36,6 +36,8 @@ def test_an_ok_trial_records_coverage_caliber_and_phases_over_every_step() -> No
     coverage = gate_coverage(metrics)
     assert coverage and all(c["checked"] >= 1 and c["run_steps"] >= c["checked"] for c in coverage.values())
     assert metrics["gate_steps"] < metrics["num_steps"] and metrics["gate_seconds"] > 0
+    parts = [metrics[f"gate_{part}_seconds"] for part in ("fill", "reference", "floor", "tested", "compare")]
+    assert all(p > 0 for p in parts) and metrics["gate_setup_seconds"] + sum(parts) <= metrics["gate_seconds"]
     # The breakdown's classes partition the run's steps, each measured on shadow steps.
     assert sum(row["steps"] for row in record.breakdown.values()) == metrics["num_steps"]
     assert all(1 <= row["sampled"] <= min(3, row["steps"]) for row in record.breakdown.values())

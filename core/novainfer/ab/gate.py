@@ -100,7 +100,9 @@ class GateReport:
     of the tested engine and of the floor over every replayed step. worst_ratio: the worst step's worst row
     over what that step allowed (passing is <= 1); worst_step (its plan index, None when the check is not
     of planned steps), worst_kinds and worst_allowed describe it. seconds: the whole gate; setup_seconds:
-    building its engines (a backend's own set-up, JIT compiles and graph captures included).
+    building its engines (a backend's own set-up, JIT compiles and graph captures included); parts: the
+    replays' seconds by part (fill: the random prefixes; reference, floor, tested: each engine's runs;
+    compare: the logits of every row).
     """
 
     coverage: dict[str, KindCoverage]
@@ -115,6 +117,7 @@ class GateReport:
     worst_step: int | None = None
     worst_kinds: tuple[str, ...] = field(default_factory=tuple)
     worst_allowed: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
 
     def passed(self) -> bool:
         return self.worst_ratio <= 1.0  # NaN fails
@@ -159,6 +162,7 @@ class GateReport:
             "max_rel_err": self.max_rel_err, "gate_floor_rel_err": self.floor_rel_err,
             "gate_worst_ratio": self.worst_ratio, "gate_steps": self.steps, "gate_rows": self.rows,
             "gate_seconds": self.seconds, "gate_setup_seconds": self.setup_seconds,
+            **{f"gate_{part}_seconds": seconds for part, seconds in self.parts.items()},
         }
         for kind, cov in self.coverage.items():
             metrics.update({
@@ -230,8 +234,9 @@ def check_backend(
         ]
         report.setup_seconds = time.perf_counter() - started
         for step in sample:
-            want, floor, got = _replay(engines, step, sequences)
-            errors, floor_errors = _row_errors(weights, want, got, floor)
+            want, floor, got = _replay(engines, step, sequences, report.parts)
+            with _part(report.parts, "compare"):
+                errors, floor_errors = _row_errors(weights, want, got, floor)
             report.judge(step.kinds, errors, floor_errors, settings, step.index)
     del engines, weights
     gc.collect()
@@ -255,17 +260,38 @@ def _tf32_matmuls(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _replay(engines: list[LLM], step: PlannedStep, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """Each engine's hidden states [step.tokens, hidden] of one planned step run from a prepared state.
+ENGINES = ("reference", "floor", "tested")  # the order check_backend builds them in
+
+
+def _replay(
+    engines: list[LLM], step: PlannedStep, sequences: list[list[int]], parts: dict[str, float]
+) -> list[torch.Tensor]:
+    """Each engine's hidden states [step.tokens, hidden] of one planned step run from a prepared state;
+    the seconds of each part (the cache fill, each engine's run) are added to `parts`.
 
     The engines' caches hold the same random prefix: one draw per step, block i of the step going to each
     engine's i-th block of it."""
     with ExitStack() as stack:
         outs = [stack.enter_context(rebuilt(step, llm.block_manager, sequences)) for llm in engines]
         blocks = [[b for entry in out.entries for b in entry.seq.block_table] for out in outs]
-        _fill_blocks([llm.kv_caches for llm in engines], blocks, seed=step.index)
-        # clone(): a graph's output buffer is overwritten by its next replay.
-        return [llm.runner.run(out)[1][: step.tokens].clone() for llm, out in zip(engines, outs)]
+        with _part(parts, "fill"):
+            _fill_blocks([llm.kv_caches for llm in engines], blocks, seed=step.index)
+        hidden = []
+        for name, llm, out in zip(ENGINES, engines, outs):
+            with _part(parts, name):
+                # clone(): a graph's output buffer is overwritten by its next replay.
+                hidden.append(llm.runner.run(out)[1][: step.tokens].clone())
+        return hidden
+
+
+@contextmanager
+def _part(parts: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes, its device work included (the gate is not timed: syncing is free)."""
+    started = time.perf_counter()
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    parts[name] = parts.get(name, 0.0) + time.perf_counter() - started
 
 
 def _fill_blocks(caches: list[list[torch.Tensor]], blocks: list[list[int]], seed: int) -> None:

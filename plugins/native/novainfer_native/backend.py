@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from novainfer.batch import StepBatch
 from novainfer.hookspecs import hookimpl
@@ -235,7 +236,9 @@ def _ungrouped(o: torch.Tensor, group: PaddedGroup) -> torch.Tensor:
 
 def _attend(query: torch.Tensor, kv_cache: torch.Tensor, group: PaddedGroup, scale: float, out: torch.Tensor) -> None:
     q, k, v, mask = _grouped(query, kv_cache, group, query.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # Not cuDNN's SDPA: it builds a graph for every new shape (~0.2 s each), and every step here has its own.
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     out[group.token_rows[group.valid]] = _ungrouped(o, group)
 
 
