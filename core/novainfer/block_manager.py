@@ -11,11 +11,16 @@ from novainfer.sequence import SamplingParams, Sequence
 SCRATCH_BLOCK = 0
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens: the one rounding rule for cache sizes, requests and capacities."""
+    return -(-num_tokens // block_size)
+
+
 def scratch_sequence(num_tokens: int, block_size: int) -> Sequence:
     """A dummy prompt of `num_tokens` zeros whose every block is the scratch block: what warm-up and
     CUDA-graph capture run the model on without touching any real sequence's cache."""
     seq = Sequence([0] * num_tokens, SamplingParams())
-    seq.block_table = [SCRATCH_BLOCK] * -(-num_tokens // block_size)
+    seq.block_table = [SCRATCH_BLOCK] * blocks_for(num_tokens, block_size)
     return seq
 
 
@@ -37,7 +42,7 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks `seq` must gain so its table covers its first `num_tokens` tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        return max(0, blocks_for(num_tokens, self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= len(self._free)

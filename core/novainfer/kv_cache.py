@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from novainfer.block_manager import blocks_for
 from novainfer.config import EngineConfig
 from novainfer.models.presets import Qwen2Config
 
@@ -37,8 +38,8 @@ def num_kv_blocks(
     need at full length, or what the memory budget allows if that is less.
     """
     if config.kv_cache_capacity != "auto":
-        return -(-config.kv_cache_capacity // config.block_size) + 1
-    needed = config.max_num_seqs * -(-config.max_model_len // config.block_size) + 1
+        return blocks_for(config.kv_cache_capacity, config.block_size) + 1
+    needed = config.max_num_seqs * blocks_for(config.max_model_len, config.block_size) + 1
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = total * config.gpu_memory_utilization - (total - free)

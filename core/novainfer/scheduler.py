@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from novainfer.block_manager import BlockManager
+from novainfer.block_manager import BlockManager, blocks_for
 from novainfer.sequence import Sequence, SequenceStatus
 
 
@@ -64,7 +64,7 @@ class Scheduler:
                 f"request of {seq.num_prompt_tokens} prompt tokens + {seq.params.max_tokens} output tokens "
                 f"= {total} exceeds max_model_len {self.max_model_len}"
             )
-        blocks = -(-total // self.block_manager.block_size)
+        blocks = blocks_for(total, self.block_manager.block_size)
         if blocks > self.block_manager.num_usable_blocks:
             raise ValueError(
                 f"request needs {blocks} KV blocks but the cache has {self.block_manager.num_usable_blocks}"

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from novainfer.ab.peers import PEERS
 from novainfer.ab.workload import MAX_TOKEN_ID, Workload
+from novainfer.block_manager import blocks_for
 from novainfer.config import ConfigError, EngineConfig
 from novainfer.models.presets import PRESETS, RANDOM_PREFIX
 
@@ -579,9 +580,8 @@ def _check_lengths(path: Path, workload: Workload, arms: Iterable[Arm]) -> None:
 def _check_kv_capacity(path: Path, workload: Workload, arms: Iterable[Arm]) -> None:
     """A numeric kv_cache_capacity must hold the longest request alone, or its arm would fail on the device.
 
-    A capacity of C tokens gets ceil(C / block_size) usable blocks (novainfer.kv_cache.num_kv_blocks adds the
-    scratch block on top; that module imports torch, so its rule is restated here); the longest request needs
-    ceil(longest / block_size), as Scheduler.check counts it.
+    A capacity of C tokens gets blocks_for(C) usable blocks (novainfer.kv_cache.num_kv_blocks adds the scratch
+    block on top); the longest request needs blocks_for(longest), as Scheduler.check counts it.
     """
     in_hi, out_hi = workload.input_len[1], workload.output_len[1]
     longest = in_hi + out_hi
@@ -589,7 +589,7 @@ def _check_kv_capacity(path: Path, workload: Workload, arms: Iterable[Arm]) -> N
         capacity, block_size = arm.config.kv_cache_capacity, arm.config.block_size
         if capacity == "auto":
             continue
-        usable, needed = -(-capacity // block_size), -(-longest // block_size)
+        usable, needed = blocks_for(capacity, block_size), blocks_for(longest, block_size)
         if needed > usable:
             raise ExperimentError(
                 path, _field("kv_cache_capacity", arm.params, arm.source),
