@@ -4,7 +4,10 @@
 # First the graph-only adversary (tests/plugins/adversarial "wrong-in-graphs") against native on a tiny model
 # (SKIP_ADVERSARY=1 skips it), then the headline caliber (experiments/grid.toml) narrowed to BACKENDS with
 # REPEATS repeats, within LIMIT seconds. Ledgers, sweep.json and trial logs land in $OUT/ledgers.tgz; the
-# verdicts, gate coverage and phase breakdown per step class print last (bench/verdict_report.py).
+# verdicts, gate coverage, the output check (tokens checked, margin in bfloat16, its cost beside the timed run)
+# and phase breakdown per step class print last (bench/verdict_report.py). The headline's output check:
+#   BACKENDS='"native"' REPEATS=1 SKIP_ADVERSARY=1 bash bench/gpu_verdicts.sh
+# (each trial's output check runs in its own process after the trial's: budget LIMIT for both).
 source bench/gpu_setup.sh
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site \
     tests/plugins/adversarial

@@ -1,8 +1,10 @@
 """A short table of sweep ledgers as bench/RESULTS.md records them: per trial the verdict and what backs it.
 
 Per trial: status, output tok/s, the correctness gate (steps replayed of the run's, kinds checked of the
-run's kinds, worst row error, seconds), the per-request caliber, the phase breakdown over the whole run and
-the timed window's counters; then, with --classes, each trial's step classes (steps, wall ms per step in the
+run's kinds, worst row error, seconds), the output check (tokens checked of produced, tokens outside the
+margin, the margin and the floor's logit delta it comes from, the check's seconds alone and with its process's
+start-up, against the timed run's), the per-request caliber, the phase breakdown over the whole run and the
+timed window's counters; then, with --classes, each trial's step classes (steps, wall ms per step in the
 timed run, device ms per phase of its shadow steps, graph replay ms).
 
     python bench/verdict_report.py .nova-ab/*/ledger.jsonl [--classes]
@@ -26,12 +28,21 @@ def trial_row(r: TrialRecord) -> str:
         f"err {m['max_rel_err']:.1e}, {m.get('gate_seconds', 0):.1f}s"
         if "max_rel_err" in m else r.tags.get("correctness_gate", "-")
     )
+    process_s = m.get("output_check_process_seconds", float("nan"))
+    output = (
+        f"tokens {m['output_tokens_checked']:.0f}/{m['output_tokens_produced']:.0f}, "
+        f"{m['output_tokens_outside']:.0f} outside, margin {m['output_margin']:.3g} (floor delta "
+        f"{m['output_floor_delta']:.3g}), {m['output_check_seconds']:.1f}s ({process_s:.1f}s "
+        f"with start-up) for a {m.get('run_seconds', 0):.1f}s run"
+        if "output_tokens_checked" in m else r.tags.get("output_check", "no output check")
+    )
     phases = "/".join(f"{m[f'phase_{p}_s']:.3f}" for p in ("metadata", "kv_write", "attention")) if (
         "phase_attention_s" in m) else "-"
     counters = ", ".join(f"{k.removeprefix('timed_')}={v:.0f}" for k, v in sorted(m.items()) if k.startswith("timed_"))
     return (
         f"{r.arm:<44} {r.status:<16} {m.get('output_tok_s', 0):>9,.0f}  {gate:<44} "
         f"off={m.get('requests_off', '-')}  phases {phases} of {m.get('run_seconds', 0):.2f}s  {counters}"
+        + f"\n    output check: {output}"
         + (f"\n    reason: {r.reason}" if r.reason else "")
     )
 

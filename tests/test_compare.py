@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -11,6 +12,7 @@ from rich.console import Console
 from scipy import stats
 
 from novainfer.ab.compare import (
+    VERIFIED_LEGEND,
     ArmSummary,
     figure,
     gpu_blocks,
@@ -20,6 +22,8 @@ from novainfer.ab.compare import (
     plot,
     render_table,
     summarize,
+    summary_metrics,
+    summary_row,
     verdict,
     welch_p_value,
 )
@@ -291,14 +295,120 @@ def test_gate_coverage_and_caliber() -> None:
     )
     summaries = summarize(records, BASE)
     s = _by_arm(summaries)
-    assert (s[BASE].gate_kinds, s[BASE].gate_max_rel_err, s[BASE].requests_off) == (2, 4e-3, 0)
+    assert (s[BASE].gate_max_rel_err, s[BASE].requests_off) == (4e-3, 0)
     assert s["wrong"].verification == "failed" and s["wrong"].gate_max_rel_err == 0.5
-    assert s["wrong"].gate_kinds == 1 and s["wrong"].requests_off == 3
-    assert (s["plain"].gate_kinds, s["plain"].gate_max_rel_err, s["plain"].requests_off) == (None, None, None)
+    assert s["wrong"].requests_off == 3
+    assert (s["plain"].gate_max_rel_err, s["plain"].requests_off) == (None, None)
     rows = {line.split()[0]: line for line in _table_text(summaries).splitlines() if line.strip()}
-    assert "yes 2k 4e-3" in rows[BASE] and "0 off" in rows[BASE]
-    assert "FAILED 5e-1" in rows["wrong"] and "3 off" in rows["wrong"]
-    assert math.isnan(s["nan"].gate_max_rel_err or 0.0) and "FAILED nan" in rows["nan"]  # NaN is the worst
+    assert "0 off" in rows[BASE] and "3 off" in rows["wrong"]
+    cells = _verified_cells(summaries)
+    # Records of before the output check (no token counts, steps of the run or bar): the verdict alone.
+    assert cells[BASE] == "yes" and cells["wrong"] == "FAILED · err 5e-1"
+    assert math.isnan(s["nan"].gate_max_rel_err or 0.0) and cells["nan"] == "FAILED · err nan"  # NaN is the worst
+
+
+def _verified_cells(summaries: list[ArmSummary]) -> dict[str, str]:
+    """The verified column of the Markdown table, by arm."""
+    head, _, *rows = markdown(summaries, {}, "sweep").split("\n\n")[2].splitlines()
+    column = [c.strip() for c in head.split("|")].index("verified")
+    return {s.arm: [c.strip() for c in row.split("|")][column] for s, row in zip(summaries, rows, strict=True)}
+
+
+def _checks(
+    produced: int, steps: int, *, checked: int | None = None, outside: int = 0, bar: float = 1e-5, err: float = 2e-6
+) -> dict[str, float]:
+    """A trial's metrics of both checks: the output check's token counts (and its seconds: 3 against a run of
+    10 + repeat s, see _trials) and the step gate's steps of a run of 35, its bar and worst row."""
+    return {
+        "output_tokens_produced": produced, "output_tokens_checked": produced if checked is None else checked,
+        "output_tokens_outside": outside, "output_check_seconds": 3.0,
+        "gate_steps": steps, "gate_run_steps": 35, "gate_bar": bar, "max_rel_err": err,
+    }
+
+
+def _checked_records() -> list[TrialRecord]:
+    return (
+        _trials(BASE, [100.0, 101.0], extra=[_checks(150, 14), _checks(150, 12)])
+        + _trials("wrong", [200.0, 201.0], ["ok", "incorrect"],
+                  extra=[_checks(150, 12), _checks(150, 12, outside=31, bar=1e-2, err=0.5)])
+        + _trials("partial", [100.0, 101.0], ["ok", "unverified"],
+                  extra=[_checks(150, 12), _checks(150, 12, checked=90)])
+        + _trials("mismatch", [100.0, 101.0], ["ok", "caliber_mismatch"],
+                  extra=[_checks(150, 12), _checks(149, 12, outside=2)])
+        + _trials("old", [100.0, 101.0], extra=[{"max_rel_err": 1e-3, "gate_steps": 9}] * 2)
+    )
+
+
+def test_verified_says_what_the_checks_covered() -> None:
+    summaries = summarize(_checked_records(), BASE)
+    s = _by_arm(summaries)
+    base = s[BASE]
+    # Tokens summed over the trials, steps of the ok trial that replayed the fewest, the loosest bar.
+    assert (base.tokens_checked, base.tokens_produced, base.tokens_outside) == (300, 300, 0)
+    assert (base.steps_checked, base.run_steps, base.bar) == (12, 35, 1e-5)
+    assert base.output_check_cost == pytest.approx(statistics.median([3.0 / 10.0, 3.0 / 11.0]))
+    wrong = s["wrong"]
+    assert wrong.verification == "failed" and (wrong.tokens_checked, wrong.tokens_outside) == (300, 31)
+    assert wrong.bar == 1e-2  # the incorrect trial's, the looser
+    assert s["partial"].verification == "unverified" and s["partial"].tokens_checked == 240
+    old = s["old"]
+    assert (old.tokens_checked, old.steps_checked, old.run_steps, old.bar) == (None, None, None, None)
+
+    cells = _verified_cells(summaries)
+    assert cells == {
+        BASE: "yes · 300/300 tok · 12/35 steps · bar 1e-5",
+        "wrong": "FAILED · 31/300 tok outside · err 5e-1 · bar 1e-2",
+        "partial": "UNVERIFIED",
+        # A caliber mismatch leaves the arm verified (and flagged): its tokens outside still show.
+        "mismatch": "yes · 2/299 tok outside · 12/35 steps · bar 1e-5",
+        "old": "yes",
+    }
+    # The console table stacks the same parts in the cell, one per line, and its caption says what they mean.
+    table = render_table(summaries)
+    (column,) = (c for c in table.columns if c.header == "verified")
+    assert list(column.cells) == [cells[x.arm].replace(" · ", "\n") for x in summaries]
+    assert " ".join(VERIFIED_LEGEND.split()) in " ".join(_table_text(summaries).split())
+    assert VERIFIED_LEGEND in markdown(summaries, {}, "sweep")
+
+
+def test_summary_metrics_and_rows_carry_what_the_checks_covered() -> None:
+    summaries = summarize(_checked_records(), BASE)
+    metrics = summary_metrics(summaries, {BASE: "native"})
+    expected = {
+        "tokens_checked": 300, "tokens_produced": 300, "tokens_outside": 0, "steps_checked": 12, "run_steps": 35,
+        "bar": 1e-5, "output_check_cost": round(statistics.median([0.3, 3.0 / 11.0]), 3),
+    }
+    assert {key: metrics[f"native: {key}"] for key in expected} == expected
+    assert metrics["wrong: tokens_outside"] == 31 and metrics["wrong: bar"] == 1e-2
+    assert not any(key.startswith("old: ") and key.endswith(tuple(expected)) for key in metrics)  # left out, not 0
+    rows = {row["arm"]: row for row in map(summary_row, summaries)}
+    assert json.loads(json.dumps(rows[BASE])) == rows[BASE]  # the JSON format's row as it is
+    assert {key: rows[BASE][key] for key in expected} == {**expected, "output_check_cost": pytest.approx(0.286, 1e-2)}
+    assert (rows["wrong"]["tokens_outside"], rows["wrong"]["max_rel_err"]) == (31, 0.5)
+    assert rows["old"]["tokens_checked"] is None and rows["old"]["bar"] is None
+
+
+def test_verified_cells_of_a_real_caliber_keep_the_table_in_100_columns() -> None:
+    # 4 repeats of 64 requests x 1280 tokens: counts of six digits, whole, and a long arm label beside them;
+    # phases of two digits each (10/20/40%), the widest that column gets.
+    wide = {"run_seconds": 10.0, "phase_kv_write_s": 2.0}
+    big = [_checks(81920, 30, bar=1e-2, err=3e-3) | wide] * 4
+    wrong = _checks(81920, 30, outside=12345, bar=1e-2, err=0.5) | wide
+    records = (
+        _trials(BASE, BASE_VALUES, extra=big)
+        + _trials("backend=flashinfer,block_size=16,cuda_graphs=true", FAST_VALUES, extra=big)
+        + _trials("backend=triton,block_size=32", [200.0, 201.0, 199.0, 200.0], ["ok", "incorrect", "ok", "ok"],
+                  extra=[big[0], wrong, big[0], big[0]])
+    )
+    summaries = summarize(records, BASE)
+    text = _table_text(summaries)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    flat = " ".join(text.split())
+    # A part wider than the column wraps at its spaces, never inside a count.
+    for part in ("327680/327680 tok", "30/35 steps", "bar 1e-2", "12345/327680 tok outside", "err 5e-1"):
+        assert all(f" {word} " in f" {flat} " for word in part.split())
+    # Nothing was cut at the console's edge: the caption and the verdict read whole.
+    assert " ".join(VERIFIED_LEGEND.split()) in flat and flat.endswith(verdict(summaries))
 
 
 def _mixed_summaries() -> list[ArmSummary]:

@@ -209,6 +209,11 @@ def load_error(tmp_path: Path, text: str) -> ExperimentError:
         (variant("repeats = 2", "repeats = 2\ntrial_timeout_s = 0"), "sweep.trial_timeout_s", "must be > 0"),
         (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nsteps_per_kind = 0"),
          "sweep.correctness.steps_per_kind", "must be >= 1, got 0"),
+        # A bar cannot be loosened past bfloat16's own: 1e300 would pass anything.
+        (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nmax_rel_err = 1e300"),
+         "sweep.correctness.max_rel_err", "must be <= 0.01, got 1e+300"),
+        (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nfloor_margin = 100"),
+         "sweep.correctness.floor_margin", "must be <= 10.0, got 100"),
         (variant("repeats = 2", "repeats = 2\n[sweep.correctness]\nprompt_len = 64"),
          "sweep.correctness.prompt_len", "unknown key; known keys: enabled, max_rel_err, floor_margin, steps_per_kind"),
         (variant("num_seqs = 4", 'name = "my sweep"\nnum_seqs = 4'), "workload.name",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from novainfer.ab.gate import GateReport, GateSettings, KindCoverage, check_backend, choose_sample, forced_sequences
-from novainfer.ab.schedule import CONTINUED_CHUNK, MIXED, kind_counts, plan_schedule
+from novainfer.ab.schedule import CONTINUED_CHUNK, MIXED, kind_counts, labelled, plan_schedule
 from novainfer.ab.workload import Workload
 from novainfer.batch import StepBatch
 from novainfer.config import EngineConfig
@@ -31,6 +31,7 @@ def plan_for(config: EngineConfig) -> list:
         [len(p) for p in WORKLOAD.prompts()], WORKLOAD.output_lens(), num_blocks=1024 // 16 + 1,
         block_size=config.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+        cuda_graphs=False,
     )
 
 
@@ -87,21 +88,41 @@ def run_gate(config: EngineConfig, monkeypatch: pytest.MonkeyPatch, plugin: Plug
         monkeypatch.setattr(engine, "select_backend", with_plugin)
     model = build_model(config.model, config.seed, torch.float32, torch.device("cpu"), config.max_model_len)
     sequences = forced_sequences(WORKLOAD.prompts(), WORKLOAD.output_lens(), model.config.vocab_size)
-    return check_backend(config, model, plan_for(config), sequences, GateSettings())
+    return check_backend(config, model, plan_for(config), sequences, GateSettings(), seed=0)
 
 
 def test_the_sample_covers_every_kind_the_run_has() -> None:
     plan = plan_for(CONFIG)
     counts = kind_counts(plan)
     assert {MIXED, CONTINUED_CHUNK} <= set(counts)
+    # An eager run: every distinct decode batch size is a kind of its own.
+    sizes = {s.num_seqs for s in plan if s.num_decodes == s.num_seqs}
+    assert {f"decode-n{n}" for n in sizes} <= set(counts) and len(sizes) > 1
     for per_kind in (1, 2, 3):
-        sample = choose_sample(plan, per_kind)
-        covered = kind_counts(sample)
-        assert all(covered[kind] >= min(per_kind, n) for kind, n in counts.items()), (per_kind, covered, counts)
-        assert [s.index for s in sample] == sorted({s.index for s in sample})  # plan order, no repeats
-    # Greedy and cheap: far fewer steps than the run, and the same choice every time.
-    assert len(choose_sample(plan, 1)) < len(plan) / 3
-    assert choose_sample(plan, 1) == choose_sample(plan_for(CONFIG), 1)
+        for seed in range(5):
+            sample = choose_sample(plan, per_kind, seed)
+            covered = kind_counts(sample)
+            assert all(covered[kind] >= min(per_kind, n) for kind, n in counts.items()), (per_kind, covered, counts)
+            assert [s.index for s in sample] == sorted({s.index for s in sample})  # plan order, no repeats
+    # Fewer steps than the run; the same choice for the same seed, another choice for others.
+    assert len(choose_sample(plan, 1, 0)) < len(plan) / 2
+    assert choose_sample(plan, 1, 7) == choose_sample(plan_for(CONFIG), 1, 7)
+    assert len({tuple(s.index for s in choose_sample(plan, 1, seed)) for seed in range(5)}) > 1
+
+
+def test_a_graph_run_checks_the_fewest_and_the_most_sequences_of_every_bucket() -> None:
+    plan = labelled(plan_for(CONFIG), CONFIG.max_num_seqs, cuda_graphs=True)
+    counts = kind_counts(plan)
+    assert not any(kind.startswith("decode-n") for kind in counts)
+    for bucket in {s.step_class for s in plan if s.step_class != "prefill"}:
+        sizes = [s.num_seqs for s in plan if s.step_class == bucket]
+        fewest = {s.index for s in plan if f"{bucket}-fewest" in s.kinds}
+        most = {s.index for s in plan if f"{bucket}-most" in s.kinds}
+        assert fewest == {s.index for s in plan if s.step_class == bucket and s.num_seqs == min(sizes)}
+        assert most == {s.index for s in plan if s.step_class == bucket and s.num_seqs == max(sizes)}
+    # The run's commonest decode shape, max_num_seqs sequences, is a kind the gate must check.
+    full = [s for s in plan if s.step_class != "prefill" and s.num_seqs == CONFIG.max_num_seqs]
+    assert full and counts[f"decode-b{CONFIG.max_num_seqs}-most"] == len(full)
 
 
 def test_native_triton_kernels_pass_on_every_kind(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +131,7 @@ def test_native_triton_kernels_pass_on_every_kind(monkeypatch: pytest.MonkeyPatc
     assert report.passed()
     assert 0 < report.max_rel_err < 1e-4  # a different kernel: not bitwise the reference, but float32-close
     assert all(cov.checked >= 1 for cov in report.coverage.values())
-    assert report.rows == sum(s.tokens for s in choose_sample(plan_for(config), 1))  # every row, not only sampled
+    assert report.rows == sum(s.tokens for s in choose_sample(plan_for(config), 1, 0))  # every row, not only sampled
 
 
 def test_one_wrong_row_per_continued_chunk_fails_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,14 +174,14 @@ def test_forced_sequences_are_the_prompts_then_fixed_random_outputs() -> None:
 
 def test_a_step_may_be_off_by_its_floor_times_the_margin_not_more() -> None:
     settings = GateSettings(max_rel_err=1e-2, floor_margin=2.0)
-    report = GateReport({"decode-b4": KindCoverage(run_steps=3)})
+    report = GateReport({"decode-b4": KindCoverage(run_steps=3)}, bar=1e-2)
     floor = torch.tensor([0.01, 0.02])
     report.judge(("decode-b4",), torch.tensor([0.01, 0.039]), floor, settings)
     assert report.passed() and report.worst_allowed == pytest.approx(0.04)
     report.judge(("decode-b4",), torch.tensor([0.041]), floor, settings)
     assert not report.passed() and report.worst_ratio == pytest.approx(0.041 / 0.04)
     # Without a floor (float32 everywhere), the bar itself.
-    exact = GateReport({"prefill": KindCoverage(run_steps=1)})
+    exact = GateReport({"prefill": KindCoverage(run_steps=1)}, bar=1e-2)
     exact.judge(("prefill",), torch.tensor([0.011]), torch.tensor([0.0]), settings)
     assert not exact.passed() and exact.worst_allowed == 1e-2
     assert exact.coverage["prefill"].checked == 1 and exact.coverage["prefill"].max_rel_err == pytest.approx(0.011)
@@ -177,18 +198,18 @@ def test_a_half_precision_cache_is_judged_against_its_own_floor(monkeypatch: pyt
 
 
 def test_the_exact_reference_computes_the_same_attention_as_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
-    """native's float64 path (the reference) against its SDPA path on a float32 cache, mixed and chunked steps,
-    its query rows taken a few at a time."""
-    from novainfer import LLM
-    from novainfer_native import backend
+    """The core's float64 reference against its SDPA path (the floor) on a float32 cache, mixed and chunked
+    steps, its query rows taken a few at a time."""
+    from novainfer import LLM, reference
 
-    monkeypatch.setattr(backend, "_EXACT_QUERY_CHUNK", 5)
+    monkeypatch.setattr(reference, "_EXACT_QUERY_CHUNK", 5)
     settings = dict(device="cpu", max_model_len=128, max_num_batched_tokens=48, kv_cache_capacity=1024, warm_up=False)
     prompts, lens = WORKLOAD.prompts(), WORKLOAD.output_lens()
     continuations = [s[len(p) :] for s, p in zip(forced_sequences(prompts, lens, 10240), prompts)]
     logits = [
-        LLM("random:qwen2-tiny-wide", backend_options=options, **settings).teacher_forced_logits(prompts, continuations)
-        for options in ({"torch_precision": "float64"}, {"torch_precision": "cache"})
+        LLM("random:qwen2-tiny-wide", backend="reference", backend_options=options, **settings)
+        .teacher_forced_logits(prompts, continuations)
+        for options in ({"precision": "float64"}, {"precision": "cache"})
     ]
     for exact, sdpa in zip(*logits):
         assert ((exact - sdpa).norm(dim=-1) / exact.norm(dim=-1)).max() < 1e-5

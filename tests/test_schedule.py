@@ -36,7 +36,7 @@ def test_the_plan_is_the_steps_the_engine_takes(settings: dict, preempts: bool) 
     plan = plan_schedule(
         [len(p) for p in prompts], lens, num_blocks=llm.block_manager.num_blocks,
         block_size=llm.config.block_size, max_num_seqs=llm.config.max_num_seqs,
-        max_num_batched_tokens=llm.config.max_num_batched_tokens, max_model_len=128,
+        max_num_batched_tokens=llm.config.max_num_batched_tokens, max_model_len=128, cuda_graphs=False,
     )
     llm.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens])
     ran = [(s.num_seqs, s.num_decode_tokens, s.num_prefill_tokens) for s in llm.step_stats]
@@ -51,7 +51,7 @@ def test_kinds_name_what_each_step_exercises() -> None:
     prompts = [40, 40, 40]
     plan = plan_schedule(
         prompts, [4, 4, 20], num_blocks=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=48,
-        max_model_len=128,
+        max_model_len=128, cuda_graphs=False,
     )
     first = plan[0]
     assert first.step_class == PREFILL and first.kinds == {PREFILL, FIRST_CHUNK}  # 40 + the first 8 of the next
@@ -68,7 +68,8 @@ def test_kinds_name_what_each_step_exercises() -> None:
 
 def test_rebuilt_steps_hold_their_blocks_only_while_used() -> None:
     plan = plan_schedule(
-        [20, 30], [5, 5], num_blocks=16, block_size=8, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64
+        [20, 30], [5, 5], num_blocks=16, block_size=8, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
+        cuda_graphs=False,
     )
     manager = BlockManager(16, 8)
     step = plan[-1]

@@ -3,6 +3,7 @@ sweep's summary, named children and workload datasets, and read-only access that
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import socket
@@ -155,6 +156,70 @@ def test_trial_is_logged_once(tracker: Tracker, store: tuple[str, str]) -> None:
     assert "nova.reason" not in tags
     config = _client(store).download_artifacts(child.info.run_id, "config.json")
     assert Path(config).read_text().startswith("{") and '"block_size": 16' in Path(config).read_text()
+
+
+# Seeds are 63-bit: as a float metric the first would round to 2**62, the second to 2**63.
+SEEDS = {"tokens": 2**62 + 12345, "gate_sample": 2**63 - 1}
+OUTPUTS = [[151643, 0, 17], [], [42] * 300]
+CHECKS = {"output_tokens_produced": 303, "output_tokens_checked": 303, "output_tokens_outside": 0, "gate_steps": 12}
+
+
+def _checked_record(sweep_id: str, arm: str, repeat: int) -> TrialRecord:
+    """A record of a trial both checks ran on: its seeds, every request's output token ids, the checks' metrics."""
+    record = _record(sweep_id, arm, repeat)
+    record.seeds, record.outputs = dict(SEEDS), [list(o) for o in OUTPUTS]
+    record.metrics.update(CHECKS)
+    return record
+
+
+def test_child_holds_the_outputs_and_the_seeds(tracker: Tracker, store: tuple[str, str], tmp_path: Path) -> None:
+    parent = tracker.start_sweep(_sweep("o1"))
+    tracker.log_trial(_checked_record("o1", "backend=native", 0))
+    tracker.log_trial(_record("o1", "backend=x", 0))  # as in a ledger of before the output check
+    by_arm = {r.data.tags["nova.arm"]: r for r in _children(store, parent)}
+    client = _client(store)
+
+    checked = by_arm["backend=native"]
+    assert {k: v for k, v in checked.data.tags.items() if k.startswith("nova.seed.")} == {
+        "nova.seed.tokens": str(2**62 + 12345), "nova.seed.gate_sample": str(2**63 - 1),
+    }
+    assert not any(key.startswith("seed") for key in checked.data.metrics)
+    assert {k: checked.data.metrics[k] for k in CHECKS} == CHECKS
+    path = Path(client.download_artifacts(checked.info.run_id, "outputs.json", str(tmp_path)))
+    assert json.loads(path.read_text()) == OUTPUTS
+    assert len(path.read_text().splitlines()) == len(OUTPUTS) + 2  # one request per line between the brackets
+
+    old = by_arm["backend=x"]
+    assert "outputs.json" not in {a.path for a in client.list_artifacts(old.info.run_id)}
+    assert not any(key.startswith("nova.seed.") for key in old.data.tags)
+
+
+def test_records_read_back_keep_their_seeds_but_not_their_outputs(store: tuple[str, str]) -> None:
+    tracker = Tracker(store[0], "nova-seeds", artifact_location=f"{store[1]}-seeds")
+    tracker.start_sweep(_sweep("s1"))
+    records = [_checked_record("s1", "backend=native", 0), _record("s1", "backend=x", 0)]
+    for record in records:
+        tracker.log_trial(record)
+    loaded = Tracker(store[0], "nova-seeds", create=False).load_sweep("s1")[2]
+    # The comparison needs no outputs (outputs.json holds them); the seeds come back exact, from their tags.
+    assert loaded == [dataclasses.replace(r, outputs=[]) for r in records]
+    assert loaded[0].seeds == SEEDS and loaded[1].seeds == {}
+
+
+def test_the_sweeps_view_shows_what_verified_covered(tracker: Tracker, store: tuple[str, str]) -> None:
+    parent = tracker.start_sweep(_sweep("v1"))
+    route = tracker.share_view("v1", ["native: tokens_checked"])
+    assert route.endswith(f"viewStateShareKey={parent}")
+    experiment = _client(store).get_experiment_by_name("nova-test")
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{parent}"])
+    columns = view["selectedColumns"]
+    checks = ["output_tokens_checked", "output_tokens_outside", "gate_steps", "max_rel_err"]
+    assert [c for c in columns if c.startswith("metrics.")] == [
+        "metrics.`native: tokens_checked`", "metrics.`output_tok_s`", *(f"metrics.`{m}`" for m in checks),
+        "metrics.`requests_off`",
+    ]
+    charts = [chart["metricKey"] for chart in view["compareRunCharts"]]
+    assert charts[0] == "output_tok_s" and "output_tokens_outside" in charts  # throughput first
 
 
 def test_failed_trial_is_marked_failed(tracker: Tracker, store: tuple[str, str]) -> None:

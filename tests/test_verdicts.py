@@ -1,9 +1,13 @@
 """A backend built to slip past the verdict must not: adversarial plugins through `nova-ab sweep`, pip-installed.
 
-Each adversary (tests/plugins/adversarial) is native's attention made wrong in one step shape only, or an
-engine that misreports which request a token belongs to. Through real sweeps (trial subprocesses, a real
-MLflow store) every one is caught where its fault shows, none can win, an honest slow backend stays "ok" and
-an honest fast one still wins; with the gate off, every arm is "unverified" and nothing is claimed.
+Each adversary (tests/plugins/adversarial) is native's attention made wrong in one step shape only, wrong
+only when it can tell it is not being checked (another engine instance, a large cache, a call count, the
+gate's module on the call stack), wrong in the run's commonest shape, one row or one length range, off by a
+small uniform error, or an engine that misreports which request a token belongs to. Through real sweeps
+(trial subprocesses, a real MLflow store) every one is caught, none can win, an honest slow backend stays
+"ok" with every output token checked, and an honest fast one still wins; with the checks off, every arm is
+"unverified" and nothing is claimed. A mutation (the output check removed) shows which adversaries only the
+check of the timed run's own tokens catches.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from novainfer.ab.record import TrialRecord, gate_coverage
 ROOT = Path(__file__).resolve().parents[1]
 WRONG_SHAPES = ["wrong-when-mixed", "wrong-when-continued", "wrong-past-48-keys"]
 MISREPORTING = ["drops-token", "moves-token"]
+# Right whenever they can tell they are checked: the step gate, which runs in their process, passes them.
+TELL_CHECKS_APART = ["wrong-in-first-engine", "wrong-unless-checked"]
+HIDDEN = [
+    *TELL_CHECKS_APART, "wrong-with-large-cache", "wrong-after-24-steps", "wrong-every-12th-step",
+    "wrong-at-max-seqs", "wrong-in-row-3", "wrong-for-lengths-39-46", "small-uniform-error",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +38,16 @@ def adversarial_site(pip_install: Callable[[Path], Path]) -> Path:
     return pip_install(ROOT / "tests" / "plugins" / "adversarial")
 
 
-def experiment(path: Path, backends: list[str], batched_tokens: int, repeats: int, extra: str = "") -> Path:
-    """The smoke caliber (8 requests, prompts 16..64, outputs 8..32) on the attention-sensitive tiny model."""
+def experiment(
+    path: Path, backends: list[str], batched_tokens: int | list[int], repeats: int, extra: str = ""
+) -> Path:
+    """The smoke caliber (8 requests, prompts 16..64, outputs 8..32) on the attention-sensitive tiny model; a list
+    of token budgets is an axis (the baseline at the first)."""
+    if isinstance(batched_tokens, int):
+        budget, axis, baseline = f"max_num_batched_tokens = {batched_tokens}", "", ""
+    else:
+        budget, axis = "", f", max_num_batched_tokens = {batched_tokens}"
+        baseline = f", max_num_batched_tokens = {batched_tokens[0]}"
     path.write_text(
         f"""
 [workload]
@@ -43,15 +61,15 @@ device = "cpu"
 dtype = "float32"
 max_model_len = 128
 max_num_seqs = 8
-max_num_batched_tokens = {batched_tokens}
+{budget}
 kv_cache_capacity = 1024
 
 [sweep]
 repeats = {repeats}
 trial_timeout_s = 120
 warmup_seqs = 2
-baseline = {{ backend = "slow-but-right" }}
-axes = {{ backend = {json.dumps(backends)} }}
+baseline = {{ backend = "slow-but-right"{baseline} }}
+axes = {{ backend = {json.dumps(backends)}{axis} }}
 {extra}
 """
     )
@@ -92,7 +110,12 @@ def test_chunked_prefill_arm_catches_every_adversary_and_the_honest_fast_arm_win
 
     summaries = {s.arm: s for s in summarize(records(tmp_path), "backend=slow-but-right")}
     winners = [arm for arm, s in summaries.items() if s.winner]
-    assert winners == ["backend=native"], [(s.arm, s.speedup, s.p_value, s.verification) for s in summaries.values()]
+    native = summaries["backend=native"]
+    # Only the honest fast arm can win. Whether 2 repeats on a loaded machine resolve a ~10x difference is the
+    # statistics' call, so the test asserts what they must say for the data they got, not that they resolve it.
+    assert winners in ([], ["backend=native"]), [(s.arm, s.speedup, s.p_value) for s in summaries.values()]
+    assert native.speedup is not None and native.speedup > 1 and native.verification == "verified"
+    assert (winners == ["backend=native"]) is native.significant, (native.speedup, native.p_value)
     for backend in WRONG_SHAPES + MISREPORTING:
         assert summaries[f"backend={backend}"].flagged
 
@@ -145,3 +168,60 @@ def test_with_the_gate_off_every_arm_is_unverified_and_nothing_is_claimed(
     _, children = runs(tmp_path, "nova-ab")
     assert {c.data.tags["nova.status"] for c in children} == {"unverified"}
     assert {c.data.tags["correctness_gate"] for c in children} == {"disabled"}
+
+
+def test_backends_that_hide_from_checks_are_incorrect_on_both_calibers_and_never_ranked(
+    tmp_path: Path, adversarial_site: Path
+) -> None:
+    """The smoke caliber's two budgets (64 chunks prompts, 512 never does), every hidden fault."""
+    exp = experiment(tmp_path / "hidden.toml", ["slow-but-right", *HIDDEN], batched_tokens=[64, 512], repeats=1)
+    result = nova_ab(tmp_path, "sweep", str(exp), env={"PYTHONPATH": str(adversarial_site)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = records(tmp_path)
+    assert len(trials) == 2 * (1 + len(HIDDEN))
+    for record in trials:
+        backend, metrics = record.arm_params["backend"], record.metrics
+        if backend == "slow-but-right":
+            assert record.status == "ok", record.reason
+            assert metrics["output_tokens_checked"] == metrics["output_tokens_produced"] == metrics["expected_tokens"]
+            assert metrics["output_tokens_outside"] == 0 and metrics["output_check_seconds"] > 0
+            continue
+        assert record.status == "incorrect", (backend, record.arm_params, record.status, record.reason)
+        if backend in TELL_CHECKS_APART:
+            # The step gate saw a right backend; only the timed run's own tokens give it away.
+            assert metrics["gate_worst_ratio"] <= 1, (backend, metrics["gate_worst_ratio"])
+            assert metrics["output_tokens_outside"] > 0 and "output token" in (record.reason or "")
+            assert "request" in record.reason
+    summaries = summarize(trials, "backend=slow-but-right,max_num_batched_tokens=64")
+    assert not any(s.winner for s in summaries)
+    flagged = {s.arm for s in summaries if s.flagged}
+    assert all(any(f"backend={b}," in arm for arm in flagged) for b in HIDDEN)
+
+
+def test_without_the_output_check_the_backends_that_tell_checks_apart_pass(
+    tmp_path: Path, adversarial_site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mutation: the executor with its output check removed lets them through as "ok", so that check is
+    what catches them above."""
+    from novainfer.ab import executor
+    from novainfer.ab.gate import GateSettings
+    from novainfer.ab.trial import TrialRequest
+    from novainfer.ab.workload import Workload
+    from novainfer.config import EngineConfig
+
+    monkeypatch.setenv("PYTHONPATH", str(adversarial_site))
+    for mutated in (False, True):
+        if mutated:
+            monkeypatch.setattr(executor, "check_outputs", lambda *args: None)
+        for backend in TELL_CHECKS_APART:
+            config = EngineConfig(
+                model="random:qwen2-tiny-wide", backend=backend, device="cpu", dtype="float32", max_model_len=128,
+                max_num_seqs=8, max_num_batched_tokens=64, kv_cache_capacity=1024,
+            )
+            request = TrialRequest(
+                sweep_id="s", trial_id=f"{backend}#0", arm=backend, arm_params={"backend": backend}, repeat=0,
+                order=0, config=config.to_dict(), workload=Workload(8, (16, 64), (8, 32)), warmup_seqs=2,
+                gate=GateSettings(), result_path="", source_dir=str(tmp_path),
+            )
+            record = executor.LocalSubprocessExecutor(tmp_path / "logs").run_trial(request, 300, lambda e: None)
+            assert record.status == ("ok" if mutated else "incorrect"), (backend, mutated, record.reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +271,51 @@ class LLM:
 
         self._run_to_completion(seqs, None, keep)
         return [torch.stack(collected[s.seq_id]) for s in seqs]
+
+    @torch.inference_mode()
+    def prefill_logits(
+        self, sequences: Seq[list[int]], starts: Seq[int]
+    ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+        """Teacher forcing in one prefill pass, for checking a whole output at the cost of a prompt.
+
+        Each token list runs as a prompt (chunked as the scheduler chunks prompts; its last token is never
+        run, since nothing predicts past it). Yields, per engine step that has any: the (sequence index,
+        position) of each row from position starts[i] - 1 on, and those rows' next-token logits [rows, vocab]
+        (the row at position p predicts token p + 1), on the engine's device, valid until the next step. Two
+        engines of the same limits and cache size yield the same rows step for step. All or nothing, as
+        `generate`; stopping early drops this call's requests.
+        """
+        if len(starts) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
+        first_row = dict(enumerate(max(0, s - 1) for s in starts))
+        seqs = _each_prompt(
+            sequences, lambda tokens: self._new_sequence(tokens[:-1], SamplingParams(max_tokens=1, ignore_eos=True))
+        )
+        index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+            while self.scheduler.has_unfinished():
+                out = self.scheduler.schedule()
+                if not out.entries:
+                    raise RuntimeError("the scheduler could not schedule anything: the KV cache is too small")
+                _, hidden = self.runner.run(out)
+                rows: list[tuple[int, int]] = []
+                picks: list[int] = []
+                t = 0
+                for entry in out.entries:
+                    i, start = index[entry.seq.seq_id], entry.seq.num_computed_tokens
+                    for k in range(max(0, first_row[i] - start), entry.num_new_tokens):
+                        rows.append((i, start + k))
+                        picks.append(t + k)
+                    t += entry.num_new_tokens
+                # Nothing is sampled: each sequence ends when its prompt is in (max_tokens 1, token 0 appended).
+                self.scheduler.update(out, {e.seq.seq_id: 0 for e in out.entries if e.samples}, None)
+                if picks:
+                    yield rows, self.model.compute_logits(hidden[torch.tensor(picks, device=hidden.device)])
+        except BaseException:
+            self.scheduler.abort(seqs)
+            raise
 
     def _run_to_completion(
         self,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 import pluggy
@@ -14,6 +15,9 @@ from novainfer import hookspecs
 from novainfer.hookspecs import hookimpl
 
 ENTRY_POINT_GROUP = "novainfer"
+# The core's own backends, imported by module name like pytest's built-in plugins (no import cycle): always
+# present, found without loading any entry point, and a plugin registering one of their names is refused.
+CORE_PLUGINS = ("novainfer.reference",)
 # Backends this project ships as separate distributions: naming one that is not installed says
 # what to install rather than "unknown backend".
 FIRST_PARTY_PLUGINS = {
@@ -93,8 +97,9 @@ class RegisteredBackend:
         return self.spec.name
 
 
-def discover_backends(extra_plugins: Sequence[object] = ()) -> dict[str, RegisteredBackend]:
-    """Every backend declared by installed plugins (entry-point group `novainfer`) and `extra_plugins`."""
+def discover_backends(extra_plugins: Sequence[object] = (), installed: bool = True) -> dict[str, RegisteredBackend]:
+    """Every backend of the core, of installed plugins (entry-point group `novainfer`, unless `installed` is
+    False: then no plugin module is loaded) and of `extra_plugins`."""
     found: dict[str, RegisteredBackend] = {}
 
     def collect(plugin: object, dist_name: str, version: str) -> None:
@@ -111,12 +116,22 @@ def discover_backends(extra_plugins: Sequence[object] = ()) -> dict[str, Registe
 
         pm.hook.register_backends(register=register)
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist
-        collect(ep.load(), dist.name if dist else ep.name, dist.version if dist else "unknown")
+    for module in CORE_PLUGINS:
+        collect(import_module(module), "novainfer (core)", _core_version())
+    if installed:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist
+            collect(ep.load(), dist.name if dist else ep.name, dist.version if dist else "unknown")
     for plugin in extra_plugins:
         collect(plugin, "in-process", "")
     return found
+
+
+def _core_version() -> str:
+    try:
+        return version("novainfer")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def unsupported_reason(spec: BackendSpec, device: torch.device, dtype: torch.dtype, block_size: int) -> str | None:
@@ -139,7 +154,9 @@ def select_backend(
     name: str, device: torch.device, dtype: torch.dtype, block_size: int, extra_plugins: Sequence[object] = ()
 ) -> RegisteredBackend:
     """The registered backend `name`, checked against this machine and settings; one-line errors."""
-    backends = discover_backends(extra_plugins)
+    core = discover_backends(installed=False)
+    # The core's own backends run without loading any plugin module.
+    backends = core if name in core and not extra_plugins else discover_backends(extra_plugins)
     usable = sorted(n for n, b in backends.items() if not unsupported_reason(b.spec, device, dtype, block_size))
     listing = ", ".join(usable) or "none"
     if name not in backends:

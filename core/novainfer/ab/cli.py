@@ -89,7 +89,7 @@ def _skip_reason(arm: Any) -> str | None:
 
 def _compare(args: argparse.Namespace) -> int:
     """Read-only: a sweep from the MLflow store as a table (or CSV/JSON); a PNG only where --out asks."""
-    from novainfer.ab.compare import console, gpu_blocks, plot, render_table, summarize
+    from novainfer.ab.compare import console, gpu_blocks, plot, render_table, summarize, summary_row
     from novainfer.ab.tracking import Tracker, TrackingError
 
     try:
@@ -105,23 +105,11 @@ def _compare(args: argparse.Namespace) -> int:
             for gpu, arms in blocks.items():
                 print(f"on {gpu}: {'; '.join(arms)}")
     else:
-        rows = [_summary_row(s) for s in summaries]
+        rows = [summary_row(s) for s in summaries]
         _write_rows(rows, args.format)
     if args.out:
         print(f"plot: {plot(summaries, Path(args.out), title=sweep_id)}", file=sys.stderr)
     return 0
-
-
-def _summary_row(s: Any) -> dict[str, Any]:
-    return {
-        "arm": s.arm, "baseline": s.is_baseline, "measured": s.n_measured, "trials": s.n_trials,
-        "median_tok_s": s.median, "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
-        "speedup": s.speedup, "p_value": s.p_value, "significant": s.significant, "winner": s.winner,
-        "verification": s.verification, "flagged": s.flagged, "requests_off": s.requests_off,
-        "repeats_needed": s.repeats_needed, "paired_blocks": s.paired_blocks,
-        "speedup_ci_low": s.speedup_ci[0] if s.speedup_ci else None,
-        "speedup_ci_high": s.speedup_ci[1] if s.speedup_ci else None,
-    }
 
 
 def _write_rows(rows: list[dict[str, Any]], fmt: str) -> None:

@@ -35,11 +35,15 @@ trial, d = log(arm tok/s) - log(baseline tok/s), and
   of the d, with the same 2% floor, and never fewer than k + 1.
 Trials without a gpu_uuid tag take no part in the pairing. On one GPU, or without the tag, nothing changes.
 
-Verification: an arm is "verified" when every measured trial is "ok" (its correctness gate passed),
-"unverified" when some measured trial is "unverified" (no gate ran), "failed" when some trial is
-"incorrect" (this wins over the other two), "unmeasured" when no trial was measured. An unverified arm's
-numbers, speedup and p-value are shown, but it never wins. Speedup claims need a baseline that is verified
-and not flagged: otherwise no arm gets a speedup, p-value or significance, and the caption says why.
+Verification: an arm is "verified" when every measured trial is "ok" (both checks passed: the output check,
+every output token of the timed run against the core's reference, and the step gate, a random sample of the
+run's planned steps replayed against it), "unverified" when some measured trial is "unverified" (a check did
+not run or did not cover every token), "failed" when some trial is "incorrect" (this wins over the other two),
+"unmeasured" when no trial was measured. An unverified arm's numbers, speedup and p-value are shown, but it
+never wins. Speedup claims need a baseline that is verified and not flagged: otherwise no arm gets a speedup,
+p-value or significance, and the caption says why. What "verified" covered is shown beside it in counts, never
+abbreviated: output tokens checked of those produced (or outside the margin), planned steps replayed of those
+run, and the bar, the least relative error a step was allowed.
 
 An arm with any "incorrect" or "caliber_mismatch" trial is flagged: its numbers are shown, but it can
 never win. The winner is the fastest arm (by median) whose trials are all "ok", that is significantly
@@ -56,7 +60,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich import box
 from rich.console import Console
@@ -104,10 +108,17 @@ class ArmSummary:
     phases: median seconds of each phase in PHASES; run_seconds: median run_seconds.
     flagged: some trial was "incorrect" or "caliber_mismatch".
     verification: "verified", "unverified", "failed" or "unmeasured" (see the module's docstring).
-    gate_kinds: step kinds the gate checked (checked > 0), the fewest over the ok trials that report
-        coverage: what every verified trial vouches for. None without coverage metrics.
     gate_max_rel_err: the worst max_rel_err (overall or per kind) over all the arm's trials that have it;
         NaN when any is NaN.
+    tokens_checked, tokens_produced, tokens_outside: the output check's token counts, summed over every trial
+        that ran it (whatever its status: a failed arm's incorrect trials are where its tokens fell outside);
+        None when none did.
+    steps_checked, run_steps: the step gate's replayed steps and the run's planned steps, of the ok trial that
+        replayed the fewest: what every verified trial vouches for. None when no ok trial reports both.
+    bar: the largest gate_bar over the arm's trials, the loosest any trial was held to (a step may be allowed
+        more where its floor's rounding is larger). None when no trial reports one.
+    output_check_cost: the median of output_check_seconds / run_seconds: what checking every token costs
+        beside the timed run. None when no trial reports both.
     requests_off: total requests whose output length differed from the drawn one, over the trials that
         report it; None when none does.
     """
@@ -132,8 +143,14 @@ class ArmSummary:
     run_seconds: float | None = None
     flagged: bool = False
     verification: Verification = "unmeasured"
-    gate_kinds: int | None = None
     gate_max_rel_err: float | None = None
+    tokens_checked: int | None = None
+    tokens_produced: int | None = None
+    tokens_outside: int | None = None
+    steps_checked: int | None = None
+    run_steps: int | None = None
+    bar: float | None = None
+    output_check_cost: float | None = None
     requests_off: int | None = None
     winner: bool = False
 
@@ -408,15 +425,23 @@ def _repeats_needed(summary: ArmSummary, variance: float, diff: float, have: int
 def _summarize_arm(arm: str, trials: list[TrialRecord], is_baseline: bool) -> ArmSummary:
     values = _measured_values(trials, HEADLINE)
     counts = Counter(t.status for t in trials)
-    coverage = [gate_coverage(t.metrics) for t in trials if t.status in RANKABLE]
-    kinds = [sum(1 for c in kind.values() if c.get("checked", 0) > 0) for kind in coverage if kind]
     errors = [
         err
         for t in trials
         for err in (t.metrics.get("max_rel_err"), *(c.get("max_rel_err") for c in gate_coverage(t.metrics).values()))
         if err is not None
     ]
-    off = [t.metrics["requests_off"] for t in trials if "requests_off" in t.metrics]
+    steps = [
+        (int(t.metrics["gate_steps"]), int(t.metrics["gate_run_steps"]))
+        for t in trials
+        if t.status in RANKABLE and "gate_steps" in t.metrics and "gate_run_steps" in t.metrics
+    ]
+    bars = [t.metrics["gate_bar"] for t in trials if "gate_bar" in t.metrics]
+    costs = [
+        t.metrics["output_check_seconds"] / t.metrics["run_seconds"]
+        for t in trials
+        if "output_check_seconds" in t.metrics and t.metrics.get("run_seconds")
+    ]
     return ArmSummary(
         arm=arm,
         is_baseline=is_baseline,
@@ -430,10 +455,22 @@ def _summarize_arm(arm: str, trials: list[TrialRecord], is_baseline: bool) -> Ar
         run_seconds=_median_or_none(_measured_values(trials, "run_seconds")),
         flagged=any(counts[s] for s in FLAG_STATUSES),
         verification=_verification(counts),
-        gate_kinds=min(kinds) if kinds else None,
         gate_max_rel_err=_worst(errors),
-        requests_off=int(sum(off)) if off else None,
+        tokens_checked=_total(trials, "output_tokens_checked"),
+        tokens_produced=_total(trials, "output_tokens_produced"),
+        tokens_outside=_total(trials, "output_tokens_outside"),
+        steps_checked=min(steps)[0] if steps else None,
+        run_steps=min(steps)[1] if steps else None,
+        bar=max(bars) if bars else None,
+        output_check_cost=_median_or_none(costs),
+        requests_off=_total(trials, "requests_off"),
     )
+
+
+def _total(trials: list[TrialRecord], metric: str) -> int | None:
+    """The metric summed over the trials that report it (counts); None when none does."""
+    values = [t.metrics[metric] for t in trials if metric in t.metrics]
+    return int(sum(values)) if values else None
 
 
 def _worst(errors: list[float]) -> float | None:
@@ -477,8 +514,7 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
     test = _test(summaries, welch="Welch t-test on log tok/s vs the baseline")
     caption = (
         "n: measured trials (ok + unverified) of all. 95% CI: t-interval of log tok/s (geometric mean). "
-        f"sig. (p): {test}, Holm-adjusted p < 0.05. verified: the gate "
-        "passed (or FAILED), step kinds (k) it checked, worst relative error. caliber: requests off their length. "
+        f"sig. (p): {test}, Holm-adjusted p < 0.05. {VERIFIED_LEGEND} caliber: requests off their length. "
         "phases: share of the run in metadata/kv write/attention."
     )
     table = Table(
@@ -490,13 +526,15 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
         pad_edge=False,
         collapse_padding=True,
     )
-    table.add_column("arm", overflow="fold", min_width=16)
+    # 15 (16 with its padding): where rich shrinks the arm and verified columns together it gives them equal
+    # widths, and a larger minimum would then push the table past the console.
+    table.add_column("arm", overflow="fold", min_width=15)
     table.add_column("n", justify="right", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("95% CI", justify="right", no_wrap=True)
     table.add_column("speedup", justify="right", no_wrap=True)
     table.add_column("sig. (p)", no_wrap=True)
-    table.add_column("verified", no_wrap=True)
+    table.add_column("verified")  # one part per line (see _verified_parts), a long one wrapped at its spaces
     table.add_column("caliber", justify="right", no_wrap=True)
     table.add_column("phases", justify="right", no_wrap=True)
     for s in summaries:
@@ -508,7 +546,7 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
             _interval(s),
             f"{s.speedup:.3f}x" if s.speedup is not None else "-",
             _significance(s),
-            _verified_cell(s),
+            "\n".join(_verified_parts(s)),
             f"{s.requests_off} off" if s.requests_off is not None else "-",
             _phases_cell(s),
             style="bold green" if s.winner else "red" if s.flagged else "yellow" if _unverified(s) else None,
@@ -558,17 +596,41 @@ def _unverified(s: ArmSummary) -> bool:
     return s.verification == "unverified"
 
 
-def _verified_cell(s: ArmSummary) -> str:
+# What the verified cell says, for the table's caption and the Markdown's footnote.
+VERIFIED_LEGEND = (
+    "verified: yes when, in every trial, each output token checked against the reference was within its margin "
+    "and each replayed step within the bar; FAILED when not. tok: output tokens checked/produced (FAILED: "
+    "outside/checked). steps: planned steps replayed/run (the fewest of any trial). bar: the least relative "
+    "error a step was allowed. err: the worst a step had."
+)
+
+
+def _verified_parts(s: ArmSummary) -> list[str]:
+    """The verified cell, part by part (the table stacks them, Markdown joins them with " · "): the verdict, then
+    what the checks covered, as whole counts ("6k" was read as six thousand)."""
     if s.verification == "unmeasured":
-        return "-"
+        return ["-"]
     if _unverified(s):
-        return "UNVERIFIED"
-    text = "yes" if s.verification == "verified" else "FAILED"
-    if s.gate_kinds is not None and s.verification == "verified":
-        text += f" {s.gate_kinds}k"
-    if s.gate_max_rel_err is not None:
-        text += " " + f"{s.gate_max_rel_err:.0e}".replace("e-0", "e-").replace("e+0", "e")
-    return text
+        return ["UNVERIFIED"]
+    failed = s.verification == "failed"
+    parts = ["FAILED" if failed else "yes"]
+    if s.tokens_checked is not None:
+        if failed or s.tokens_outside:
+            parts.append(f"{s.tokens_outside}/{s.tokens_checked} tok outside")
+        else:
+            parts.append(f"{s.tokens_checked}/{s.tokens_produced} tok")
+    if failed and s.gate_max_rel_err is not None:
+        parts.append(f"err {_sci(s.gate_max_rel_err)}")
+    elif s.steps_checked is not None:
+        parts.append(f"{s.steps_checked}/{s.run_steps} steps")
+    if s.bar is not None:
+        parts.append(f"bar {_sci(s.bar)}")
+    return parts
+
+
+def _sci(value: float) -> str:
+    """One significant digit, the exponent without padding: 1e-5, 5e-1, nan."""
+    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
 def _phases_cell(s: ArmSummary) -> str:
@@ -600,8 +662,10 @@ def _notes(s: ArmSummary) -> str:
 
 def summary_metrics(summaries: Sequence[ArmSummary], names: dict[str, str]) -> dict[str, float]:
     """The sweep's answer as metrics of its parent run, per arm (by its short name, novainfer.ab.names):
-    median tok/s, speedup against the baseline, the interval's bounds, ok trials of all, and whether it is
-    verified (1) or not (0). What an arm lacks (no speedup claim, too few repeats) is left out, not zero."""
+    median tok/s, speedup against the baseline, the interval's bounds, ok trials of all, whether it is
+    verified (1) or not (0), and what verified covered (tokens checked, produced and outside, steps checked of
+    the run's, the bar, the output check's cost beside the timed run). What an arm lacks (no speedup claim, too
+    few repeats, no check) is left out, not zero."""
     metrics: dict[str, float] = {}
     for s in summaries:
         prefix = metric_prefix(names.get(s.arm, s.arm))
@@ -615,9 +679,32 @@ def summary_metrics(summaries: Sequence[ArmSummary], names: dict[str, str]) -> d
             "trials": s.n_trials,
             "verified": float(s.verification == "verified"),
             "winner": float(s.winner),
+            "tokens_checked": s.tokens_checked,
+            "tokens_produced": s.tokens_produced,
+            "tokens_outside": s.tokens_outside,
+            "steps_checked": s.steps_checked,
+            "run_steps": s.run_steps,
+            "bar": s.bar,
+            "output_check_cost": _rounded(s.output_check_cost, 3),
         }
         metrics.update({f"{prefix}: {key}": value for key, value in values.items() if value is not None})
     return metrics
+
+
+def summary_row(s: ArmSummary) -> dict[str, Any]:
+    """The arm as one row of `nova-ab compare --format csv|json`: the table's numbers unrounded."""
+    return {
+        "arm": s.arm, "baseline": s.is_baseline, "measured": s.n_measured, "trials": s.n_trials,
+        "median_tok_s": s.median, "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
+        "speedup": s.speedup, "p_value": s.p_value, "significant": s.significant, "winner": s.winner,
+        "verification": s.verification, "tokens_checked": s.tokens_checked, "tokens_produced": s.tokens_produced,
+        "tokens_outside": s.tokens_outside, "steps_checked": s.steps_checked, "run_steps": s.run_steps,
+        "bar": s.bar, "max_rel_err": s.gate_max_rel_err, "output_check_cost": s.output_check_cost,
+        "flagged": s.flagged, "requests_off": s.requests_off, "repeats_needed": s.repeats_needed,
+        "paired_blocks": s.paired_blocks,
+        "speedup_ci_low": s.speedup_ci[0] if s.speedup_ci else None,
+        "speedup_ci_high": s.speedup_ci[1] if s.speedup_ci else None,
+    }
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -635,9 +722,10 @@ def markdown(summaries: Sequence[ArmSummary], names: dict[str, str], title: str)
     for s in summaries:
         notes = _notes(s)
         arm = names.get(s.arm, s.arm) + (f" ({notes})" if notes else "")
+        verified = " · ".join(_verified_parts(s))
         rows.append(
             f"| {arm} | {s.n_measured} / {s.n_trials} | {_num(s.median)} | {_interval(s)} | "
-            f"{f'{s.speedup:.3f}x' if s.speedup is not None else '-'} | {_significance(s)} | {_verified_cell(s)} | "
+            f"{f'{s.speedup:.3f}x' if s.speedup is not None else '-'} | {_significance(s)} | {verified} | "
             f"{s.requests_off if s.requests_off is not None else '-'} | {_phases_cell(s)} |"
         )
     labels = "\n".join(f"- {names[s.arm]}: `{s.arm}`" for s in summaries if names.get(s.arm, s.arm) != s.arm)
@@ -646,7 +734,7 @@ def markdown(summaries: Sequence[ArmSummary], names: dict[str, str], title: str)
         f"{verdict(summaries, names)}\n\n{title}\n\n" + "\n".join(rows)
         + (f"\n\nArms:\n{labels}" if labels else "")
         + f"\n\nIntervals: t-interval of log tok/s; significance: {test}, Holm-adjusted; an arm "
-        "whose gate failed, whose caliber is off, or that is unverified never wins.\n"
+        f"whose checks failed, whose caliber is off, or that is unverified never wins. {VERIFIED_LEGEND}\n"
     )
 
 

@@ -22,6 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from novainfer.ab.output_check import METHOD as OUTPUT_CHECK_METHOD
+from novainfer.ab.output_check import OutputCheck
 from novainfer.ab.record import TrialRecord
 from novainfer.ab.trial import TrialRequest, new_record
 
@@ -44,6 +46,9 @@ class Executor(Protocol):
 class LocalSubprocessExecutor:
     """Each trial in a fresh Python process on this machine, so a crash, out-of-memory or hang in one
     backend costs that trial only. A trial past its timeout is killed with its whole process group.
+
+    When the trial's process has exited, its output tokens are checked in another fresh process that loads no
+    backend plugin (novainfer.ab.output_check, see `check_outputs`): only then is a record final.
 
     `log_dir` keeps each trial's stderr (tracebacks, library warnings) as <trial>.log.
     """
@@ -96,7 +101,10 @@ class LocalSubprocessExecutor:
                 finally:
                     reader.join(timeout=5)
             if result_path.exists():
-                return TrialRecord.from_dict(json.loads(result_path.read_text()))
+                record = TrialRecord.from_dict(json.loads(result_path.read_text()))
+                if request.gate.enabled and record.outputs:
+                    check_outputs(request, record, timeout_s, log_path)
+                return record
         record = new_record(request)
         record.status = "failed"
         record.reason = f"trial process exited with code {returncode} and no result; see {log_path}"
@@ -104,6 +112,53 @@ class LocalSubprocessExecutor:
             record.reason = f"trial process killed by {_signal_name(-returncode)}; see {log_path}"
         record.started_at, record.finished_at = started, time.time()
         return record
+
+
+def check_outputs(request: TrialRequest, record: TrialRecord, timeout_s: float, log_path: Path) -> None:
+    """Check the record's output tokens in a fresh process (stderr appended to the trial's log) and fold the
+    result into the record: a token outside the reference's margin makes an "ok" or "unverified" trial
+    "incorrect"; a check that could not vouch for every token leaves an "ok" trial "unverified"."""
+    prompts = request.workload.prompts(record.seeds["tokens"])
+    payload = {
+        "config": request.config, "prompts": prompts, "outputs": record.outputs,
+        "floor_margin": request.gate.floor_margin,
+    }
+    problem = None
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write("\n--- output check ---\n")
+        log.flush()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "novainfer.ab.output_check"], input=json.dumps(payload), text=True,
+                stdout=subprocess.PIPE, stderr=log, timeout=timeout_s, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            lines = done.stdout.strip().splitlines()
+            report = OutputCheck.from_json(lines[-1]) if done.returncode == 0 and lines else None
+            if report is None:
+                problem = f"the output check exited with code {done.returncode}; see {log_path}"
+        except subprocess.TimeoutExpired:
+            report, problem = None, f"the output check took longer than {timeout_s:g} s"
+    record.tags["output_check"] = OUTPUT_CHECK_METHOD
+    # The check's whole cost, its process's start-up included (output_check_seconds is the check alone).
+    record.metrics["output_check_process_seconds"] = time.perf_counter() - started
+    if report is None:
+        _unverify(record, problem or "")
+        return
+    record.metrics.update(report.metrics())
+    if report.plugins_loaded:
+        _unverify(record, f"the output check ran beside backend plugins ({', '.join(report.plugins_loaded)})")
+    elif not report.passed():
+        if record.status in ("ok", "unverified"):
+            record.status, record.reason = "incorrect", report.problem()
+    elif not report.complete():
+        _unverify(record, f"only {report.tokens_checked} of {report.tokens_produced} output tokens were checked")
+
+
+def _unverify(record: TrialRecord, why: str) -> None:
+    if record.status == "ok":
+        record.status, record.reason = "unverified", why
 
 
 def log_name(trial_id: str) -> str:

@@ -124,18 +124,21 @@ class WorkloadTable(_Table):
 
 
 class CorrectnessTable(_Table):
-    """[sweep.correctness]: the teacher-forced logits check against the reference, run before timing on the
-    arm's own planned steps (novainfer.ab.gate).
+    """[sweep.correctness]: the checks that make a trial "verified": every output token of the timed run
+    against the core's reference in a process of its own (novainfer.ab.output_check), and the step gate's
+    teacher-forced logits on a random sample of the run's own steps (novainfer.ab.gate).
 
-    A replayed step passes when its worst row's relative error is within max(max_rel_err, floor_margin x the
-    worst row of the floor: PyTorch's own attention in the cache's dtype, on the same step). steps_per_kind:
-    how many steps of each kind the gate replays (at most as many as the run has). enabled = false makes every
-    arm's trials "unverified".
+    A replayed step passes when its worst row's relative error is within max(bar, floor_margin x the worst row
+    of the floor: PyTorch's own attention in the cache's dtype, on the same step), the bar being the smaller of
+    max_rel_err (at most 1e-2: it can tighten the bar, never loosen it past bfloat16's) and the attention
+    dtype's own minimum (1e-5 for float32). An output token passes within floor_margin x twice the floor's
+    largest logit difference. steps_per_kind: how many steps of each kind the gate replays (at most as many as
+    the run has). enabled = false runs neither check and makes every arm's trials "unverified".
     """
 
     enabled: bool = True
-    max_rel_err: float = Field(1e-2, gt=0)
-    floor_margin: float = Field(2.0, ge=1)
+    max_rel_err: float = Field(1e-2, gt=0, le=1e-2)
+    floor_margin: float = Field(2.0, ge=1, le=10)
     steps_per_kind: int = Field(1, ge=1)
 
 

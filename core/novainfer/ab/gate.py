@@ -1,15 +1,18 @@
-"""The correctness gate: an arm's backend against the reference, teacher-forced, on the arm's own step shapes.
+"""The step gate: an arm's backend against the reference, teacher-forced, on the arm's own step shapes.
 
-A backend can be wrong only in some step shapes (decodes mixed with prefill chunks, chunks continuing a
-cached prefix, long contexts, one CUDA-graph bucket): a gate that runs a shape of its own would pass it. So
-the gate replays steps of the arm's planned schedule (novainfer.ab.schedule), the very steps the timed run
-will execute, with the arm's settings (block size, max_num_seqs, max_num_batched_tokens, CUDA graphs and
-their buckets, the cache dtype, the backend options), on three engines in lockstep:
+Whether the timed run's tokens are right is settled by the output check (novainfer.ab.output_check), in a
+process the backend never ran in. The gate's job is to say which kind of step is wrong, and to check logits
+row by row where tokens alone could hide an error. A backend can be wrong only in some step shapes (decodes
+mixed with prefill chunks, chunks continuing a cached prefix, long contexts, one CUDA-graph bucket): a gate
+that runs a shape of its own would pass it. So after the timed run the gate replays steps of the arm's
+planned schedule (novainfer.ab.schedule), the very steps the timed run executed, with the arm's settings
+(block size, max_num_seqs, max_num_batched_tokens, CUDA graphs and their buckets, the cache dtype, the backend
+options), on three engines in lockstep:
 
 - the tested engine: the arm's backend, replaying decode-only steps through its captured graphs, padded to
   the bucket as in the timed run;
-- the reference: native's plain-PyTorch path, attention computed exactly (float64) from the cache;
-- the floor: the same path with attention in the cache's dtype (PyTorch's own kernels), an honest
+- the reference: the core's own attention (novainfer.reference), computed exactly (float64) from the cache;
+- the floor: the same with attention in the cache's dtype (PyTorch's own kernels), an honest
   implementation whose distance from the reference is what that dtype's rounding alone costs.
 
 All three run float32 weights and attention over a cache of the arm's dtype, so only attention rounds
@@ -20,19 +23,20 @@ makes; all three engines share it, and the floor measures it with the rest.)
 
 Every token row of a replayed step, not only the rows that sample, is compared by its next-token logits:
 relative error ||got - want|| / ||want|| per row, the worst row of each step deciding, so a few bad rows
-cannot be averaged away. A step passes when its worst row is within max(max_rel_err, floor_margin x the
-floor's worst row in that step): rounding grows with the caliber (bfloat16 attention over a thousand keys
-through 28 layers moves the worst of ten thousand rows by about 2e-2, for native, cuDNN and flashinfer
-alike, measured on the H200), and a bar below it would fail every honest backend; a wrong step is off by
-tens of percent.
+cannot be averaged away. A step passes when its worst row is within max(bar, floor_margin x the floor's worst
+row in that step): rounding grows with the caliber (bfloat16 attention over a thousand keys through 28 layers
+moves the worst of ten thousand rows by about 2e-2, for native, cuDNN and flashinfer alike, measured on the
+H200), and a bar below it would fail every honest backend; a wrong step is off by tens of percent. The bar is
+the smaller of the file's max_rel_err and the attention dtype's own minimum (MIN_BAR), so a float32 cache is
+checked at float32's precision however loose the file is.
 
 The sample: every step kind the plan has (see novainfer.ab.schedule) is checked `steps_per_kind` times (or
-as often as the run has it); steps are chosen greedily, the most uncovered kinds per token first, so one
-prefill step usually covers first chunks, continued chunks and mixing at once, and the cheapest (so most
-padded) step of each decode bucket covers that bucket. A sampled step runs from a prepared state: each of its
-sequences holds the real prompt followed by deterministic random "forced" output tokens, and its cached
-prefix is filled with the same random keys and values in all three engines (any cache content is a valid
-input to attention, and the rows' logits are a deterministic function of it), so no earlier step need run.
+as often as the run has it), the steps of each kind chosen at random from a seed drawn after the timed run
+(recorded), so no backend can know beforehand which of its steps will be looked at. A sampled step runs from
+a prepared state: each of its sequences holds the trial's prompt followed by deterministic random "forced"
+output tokens, and its cached prefix is filled with the same random keys and values in all three engines (any
+cache content is a valid input to attention, and the rows' logits are a deterministic function of it), so no
+earlier step need run.
 """
 
 from __future__ import annotations
@@ -54,19 +58,21 @@ from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
 from novainfer.models.qwen2 import Qwen2ForCausalLM
 
-REFERENCE_BACKEND = "native"
-REFERENCE_OPTIONS = {"kernels": "torch", "torch_precision": "float64"}
-FLOOR_OPTIONS = {"kernels": "torch", "torch_precision": "cache"}
-# A step's cost in token-equivalents beyond its tokens (reading the weights once), for choosing cheap steps.
-_STEP_COST = 64
+REFERENCE_BACKEND = "reference"  # the core's own attention (novainfer.reference): no plugin is needed
+REFERENCE_OPTIONS = {"precision": "float64"}
+FLOOR_OPTIONS = {"precision": "cache"}
+# The least a step is allowed, by attention dtype: well above that dtype's rounding of attention (float32
+# agrees with float64 to about 1e-6 on every caliber we run), well below a wrong step's tens of percent.
+MIN_BAR = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 # Logits are compared in chunks of rows of at most this many elements (float32), to bound memory.
 _CHUNK_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
 class GateSettings:
-    """[sweep.correctness]: whether the gate runs; a step passes when its worst row's error is within
-    max(max_rel_err, floor_margin x the floor's worst row in that step); how often each kind is checked."""
+    """[sweep.correctness]: whether the checks run (the step gate and the output check); a step passes when its
+    worst row's error is within max(min(max_rel_err, MIN_BAR of its dtype), floor_margin x the floor's worst
+    row in that step); floor_margin also scales the output check's margin; how often each kind is checked."""
 
     enabled: bool = True
     max_rel_err: float = 1e-2
@@ -86,9 +92,9 @@ class KindCoverage:
 
 
 METHOD = (
-    f"the arm's planned steps, every step kind, teacher-forced against {REFERENCE_BACKEND} (float64 attention), "
-    "next-token logits of every row, each step within max(max_rel_err, floor_margin x its floor: SDPA in the "
-    "cache's dtype)"
+    "a random sample of the arm's planned steps, every step kind, teacher-forced against the core's reference "
+    "(float64 attention), next-token logits of every row, each step within max(bar, floor_margin x its floor: "
+    "SDPA in the cache's dtype)"
 )
 
 
@@ -97,7 +103,9 @@ class GateReport:
     """What the gate checked and found.
 
     method: how, in a line (the trial's correctness_gate tag). max_rel_err, floor_rel_err: the worst row
-    of the tested engine and of the floor over every replayed step. worst_ratio: the worst step's worst row
+    of the tested engine and of the floor over every replayed step. bar: the least any step was allowed (the
+    file's max_rel_err or the dtype's MIN_BAR, the smaller). run_steps: the steps of the run. worst_ratio:
+    the worst step's worst row
     over what that step allowed (passing is <= 1); worst_step (its plan index, None when the check is not
     of planned steps), worst_kinds and worst_allowed describe it. seconds: the whole gate; setup_seconds:
     building its engines (a backend's own set-up, JIT compiles and graph captures included); parts: the
@@ -107,6 +115,8 @@ class GateReport:
 
     coverage: dict[str, KindCoverage]
     method: str = METHOD
+    bar: float = 0.0
+    run_steps: int = 0
     steps: int = 0
     rows: int = 0
     seconds: float = 0.0
@@ -125,7 +135,7 @@ class GateReport:
     def problem(self) -> str:
         where = f" in step {self.worst_step} ({', '.join(self.worst_kinds)})" if self.worst_step is not None else ""
         return (
-            f"teacher-forced logits differ from {REFERENCE_BACKEND}: worst row relative error "
+            "teacher-forced logits differ from the reference: worst row relative error "
             f"{self.worst_ratio * self.worst_allowed:.3g} > {self.worst_allowed:.3g} allowed{where}"
         )
 
@@ -137,11 +147,12 @@ class GateReport:
         settings: GateSettings,
         step_index: int | None = None,
     ) -> None:
-        """Take in one checked step's row errors (and the floor's, where there is a floor) and its kinds."""
+        """Take in one checked step's row errors (and the floor's, where there is a floor) and its kinds; the
+        step is held to max(self.bar, floor_margin x its floor)."""
         kinds = tuple(sorted(kinds))
         worst = _max(errors)
         floor = _max(floor_errors) if floor_errors is not None else 0.0
-        allowed = max(settings.max_rel_err, settings.floor_margin * floor) if not math.isnan(floor) else math.nan
+        allowed = max(self.bar, settings.floor_margin * floor) if not math.isnan(floor) else math.nan
         ratio = worst / allowed
         for kind in kinds:
             cov = self.coverage[kind]
@@ -161,6 +172,7 @@ class GateReport:
         metrics = {
             "max_rel_err": self.max_rel_err, "gate_floor_rel_err": self.floor_rel_err,
             "gate_worst_ratio": self.worst_ratio, "gate_steps": self.steps, "gate_rows": self.rows,
+            "gate_run_steps": self.run_steps, "gate_bar": self.bar,
             "gate_seconds": self.seconds, "gate_setup_seconds": self.setup_seconds,
             **{f"gate_{part}_seconds": seconds for part, seconds in self.parts.items()},
         }
@@ -172,23 +184,20 @@ class GateReport:
         return metrics
 
 
-def choose_sample(plan: list[PlannedStep], steps_per_kind: int) -> list[PlannedStep]:
-    """The steps the gate replays, in plan order: every kind covered min(steps_per_kind, its count) times."""
+def choose_sample(plan: list[PlannedStep], steps_per_kind: int, seed: int) -> list[PlannedStep]:
+    """The steps the gate replays, in plan order: every kind covered min(steps_per_kind, its count) times, each
+    kind's steps drawn at random (from `seed`) among the plan's steps of that kind."""
+    rng = random.Random(seed)
     need = {kind: min(steps_per_kind, n) for kind, n in kind_counts(plan).items()}
-    remaining = list(plan)
-    chosen: list[PlannedStep] = []
-
-    def value(step: PlannedStep) -> tuple[float, int, int]:
-        gain = sum(need[kind] > 0 for kind in step.kinds)
-        return gain / (step.tokens + _STEP_COST), step.context, -step.index
-
-    while any(need.values()):
-        best = max(remaining, key=value)
-        remaining.remove(best)
-        chosen.append(best)
-        for kind in best.kinds:
-            need[kind] = max(0, need[kind] - 1)
-    return sorted(chosen, key=lambda s: s.index)
+    chosen: set[int] = set()
+    for kind in rng.sample(sorted(need), len(need)):
+        candidates = [step for step in plan if kind in step.kinds and step.index not in chosen]
+        while need[kind] > 0:
+            step = candidates.pop(rng.randrange(len(candidates)))
+            chosen.add(step.index)
+            for covered in step.kinds:
+                need[covered] = max(0, need[covered] - 1)
+    return [step for step in plan if step.index in chosen]
 
 
 def forced_sequences(prompts: list[list[int]], output_lens: list[int], vocab_size: int) -> list[list[int]]:
@@ -207,17 +216,21 @@ def check_backend(
     plan: list[PlannedStep],
     sequences: list[list[int]],
     settings: GateSettings,
+    seed: int,
 ) -> GateReport:
-    """Replay the sample of `plan` on the arm's backend, the reference and the floor; `model` is the arm's
-    (its weights are used in float32, copied when they are not already)."""
+    """Replay a sample of `plan` (chosen from `seed`) on the arm's backend, the reference and the floor;
+    `model` is the arm's (its weights are used in float32, copied when they are not already)."""
     started = time.perf_counter()
     device = resolve_device(config.device)
     attention_dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else config.dtype
     attention_dtype = str(resolve_dtype(attention_dtype, device)).removeprefix("torch.")
-    sample = choose_sample(plan, settings.steps_per_kind)
+    sample = choose_sample(plan, settings.steps_per_kind, seed)
     bs = config.block_size
     blocks = max(sum(-(-(e.num_computed + e.num_new) // bs) for e in step.entries) for step in sample)
-    report = GateReport({kind: KindCoverage(n) for kind, n in sorted(kind_counts(plan).items())})
+    report = GateReport(
+        {kind: KindCoverage(n) for kind, n in sorted(kind_counts(plan).items())},
+        bar=min(settings.max_rel_err, MIN_BAR[attention_dtype]), run_steps=len(plan),
+    )
     with _tf32_matmuls(device), torch.inference_mode():
         weights = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
         common = dict(

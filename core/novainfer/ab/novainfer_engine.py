@@ -3,10 +3,12 @@
 open: the backend is chosen (unavailable here: skipped), the model built in the arm's dtype, the KV cache's
     size resolved exactly as the engine resolves it, and the timed run's steps planned on the host
     (novainfer.ab.schedule);
-gate: novainfer.ab.gate replays a sample of those steps on the arm's backend and on the reference;
-start: the timed engine, with the arm's settings and the planned cache size (so the plan is its schedule);
+start: the timed engine, with the arm's settings and the planned cache size (so the plan is its schedule),
+    and the plan labelled for the decode path it took (CUDA graphs or eager);
 end_timed: the window's counters, a check that the run took the planned steps, and the phase breakdown of
-    the whole run from shadow steps (novainfer.ab.phases), measured after the clock has stopped.
+    the whole run from shadow steps (novainfer.ab.phases), measured after the clock has stopped;
+gate: the timed engine is let go, then novainfer.ab.gate replays a random sample of the run's steps on the
+    arm's backend and on the reference.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from novainfer import LLM, SamplingParams
 from novainfer.ab.environment import device_tags, package_version, peak_memory_bytes
 from novainfer.ab.gate import GateReport, GateSettings, check_backend, forced_sequences
 from novainfer.ab.phases import PHASES, measure_phases
-from novainfer.ab.schedule import plan_schedule
+from novainfer.ab.schedule import labelled, plan_schedule
 from novainfer.ab.trial import TrialRequest
 from novainfer.ab.trial_engine import EngineUnavailable
 from novainfer.config import EngineConfig
@@ -59,25 +61,29 @@ class NovaInferEngine:
             [len(p) for p in self.workload.prompts()], self.workload.output_lens(), num_blocks=self.num_blocks,
             block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+            cuda_graphs=False,
         )
         self.llm: LLM | None = None
-
-    def gate(self, settings: GateSettings) -> GateReport:
-        sequences = forced_sequences(
-            self.workload.prompts(), self.workload.output_lens(), self.model.config.vocab_size
-        )
-        return check_backend(self.config, self.model, self.plan, sequences, settings)
 
     def start(self) -> None:
         capacity = (self.num_blocks - 1) * self.config.block_size  # the scratch block comes on top
         self.llm = LLM(shared_model=self.model, **{**self.config.to_dict(), "kv_cache_capacity": capacity})
         self.tags["cuda_graphs_mode"] = self.llm.graph_mode
+        if self.llm.graph_mode == "cuda_graphs":
+            self.plan = labelled(self.plan, self.config.max_num_seqs, cuda_graphs=True)
+
+    def gate(self, settings: GateSettings, prompts: list[list[int]], seed: int) -> GateReport:
+        self.close()  # the timed engine's cache and graphs go before the gate's engines come
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        sequences = forced_sequences(prompts, self.workload.output_lens(), self.model.config.vocab_size)
+        return check_backend(self.config, self.model, self.plan, sequences, settings, seed)
 
     def generate(
         self, prompts: list[list[int]], output_lens: list[int], on_tokens: Callable[[int], None]
-    ) -> list[int]:
+    ) -> list[list[int]]:
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in output_lens]
-        return [o.num_output_tokens for o in self._llm.generate(prompts, params, on_step=on_tokens)]
+        return [o.token_ids for o in self._llm.generate(prompts, params, on_step=on_tokens)]
 
     def begin_timed(self) -> None:
         llm = self._llm

@@ -60,6 +60,11 @@ class TrialRecord:
     breakdown: our engine's timed run by step class (novainfer.ab.phases): class -> steps, sampled, wall_ms
         (mean per step in the timed run), <phase>_ms and device_ms (device time per step of its shadow
         steps), replay_ms (a CUDA-graph replay's device time, graph classes).
+    seeds: drawn in the trial, after the engine started: "tokens" (the timed run's prompt token ids,
+        novainfer.ab.workload) and "gate_sample" (which planned steps the gate replayed, drawn after the run).
+    outputs: every request's output token ids of the timed run, in workload order: what the output check
+        (novainfer.ab.output_check) verifies, with metrics output_tokens_produced / _checked / _outside,
+        output_margin, output_floor_delta, output_worst_ratio and output_check_seconds.
     """
 
     sweep_id: str
@@ -75,6 +80,8 @@ class TrialRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)
+    outputs: list[list[int]] = field(default_factory=list)
     started_at: float = 0.0
     finished_at: float = 0.0
 

@@ -29,7 +29,7 @@ from novainfer.ab.trial import TrialRequest
 
 SWEEPS_DIR = ".nova-ab"
 # The parent's summary metrics shown as columns of the sweep's MLflow view (novainfer.ab.compare.summary_metrics).
-VIEW_COLUMNS = (": median_tok_s", ": speedup", ": verified")
+VIEW_COLUMNS = (": median_tok_s", ": speedup", ": verified", ": tokens_checked")
 LEDGER_NAME = "ledger.jsonl"
 SWEEP_INFO_NAME = "sweep.json"
 

@@ -5,9 +5,11 @@ Layout in the experiment:
   experiment's settings, artifacts = the experiment file and comparison.png; the summary's metrics and its
   Markdown note (the run's description, tag mlflow.note.content) answer the A/B question.
 - child run per trial, named "<arm's short name> · #<repeat>" (tags mlflow.parentRunId, nova.kind=trial,
-  nova.trial_id, nova.arm, ...): params, metrics and tags of the TrialRecord, artifact config.json = the
-  resolved engine config and, for our engine's trials, breakdown.json = the timed run by step class (tag
-  nova.breakdown names it). Its MLflow status is FAILED when the trial did not run to completion
+  nova.trial_id, nova.arm, ...): params, metrics and tags of the TrialRecord, its seeds as tags nova.seed.<name>
+  (63-bit: a float metric would round them), artifact config.json = the resolved engine config,
+  outputs.json = the timed run's output token ids (one request per line: what the output check verified)
+  and, for our engine's trials, breakdown.json = the timed run by step class (tag nova.breakdown names it).
+  Its MLflow status is FAILED when the trial did not run to completion
   (nova.status "failed" or "timeout") and FINISHED otherwise; the verdict itself ("ok", "incorrect", ...)
   is always the nova.status tag.
 - the workload's recipe is the input dataset of the parent and of every child (the runs table's Datasets
@@ -72,8 +74,15 @@ TAG_NOTE = "mlflow.note.content"  # MLflow shows it as the run's Markdown descri
 CONFIG_ARTIFACT = "config.json"
 # MLflow's UI keeps a shared runs-table view in an experiment tag of this prefix (mlflow/server/js, "share view").
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-# The trials' metrics a sweep's view shows, throughput first, as columns and as its charts.
-VIEW_TRIAL_METRICS = ("output_tok_s", "max_rel_err", "requests_off")
+# The trials' metrics a sweep's view shows as columns: throughput, then what "verified" covered (output tokens
+# checked and outside the reference's margin, planned steps the gate replayed, its worst row), then the caliber.
+VIEW_TRIAL_METRICS = (
+    "output_tok_s", "output_tokens_checked", "output_tokens_outside", "gate_steps", "max_rel_err", "requests_off"
+)
+# And as its charts, throughput first: the counts of what was checked are the same bar for every honest trial.
+VIEW_TRIAL_CHARTS = ("output_tok_s", "output_tokens_outside", "max_rel_err", "requests_off")
+OUTPUTS_ARTIFACT = "outputs.json"
+TAG_SEED_PREFIX = "nova.seed."
 BREAKDOWN_ARTIFACT = "breakdown.json"
 TAG_BREAKDOWN = "nova.breakdown"
 PLOT_ARTIFACT = "comparison.png"
@@ -387,17 +396,17 @@ class Tracker:
 
         The view lists the sweep's runs only. Its table shows each run's description (the parent's: the
         verdict), dataset (the caliber), `summary_columns` (the parent's per-arm metrics), and, on the trials
-        (children), throughput, the gate's worst error, requests off their length and the status: the A/B
-        answer in the first row, no clicks. Its charts put throughput first. MLflow's UI keeps such a view as
-        an experiment tag (SHARED_VIEW_PREFIX + key) and opens it from `?viewStateShareKey=<key>`; the key
-        is the parent run's id.
+        (children), VIEW_TRIAL_METRICS (throughput, what the checks covered, requests off their length) and the
+        status: the A/B answer in the first row, no clicks. Its charts put throughput first. MLflow's UI keeps
+        such a view as an experiment tag (SHARED_VIEW_PREFIX + key) and opens it from `?viewStateShareKey=<key>`;
+        the key is the parent run's id.
         """
         metric = lambda key: f"metrics.`{_key(key)}`"  # noqa: E731 (MLflow UI's column keys)
         section = "nova-ab"
         charts = [
             {"uuid": f"nova-ab-{key}", "type": "BAR", "runsCountToCompare": 100, "metricSectionId": section,
              "deleted": False, "isGenerated": False, "metricKey": key}
-            for key in VIEW_TRIAL_METRICS
+            for key in VIEW_TRIAL_CHARTS
         ]
         state = {
             "searchFilter": f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}'",
@@ -468,7 +477,8 @@ class Tracker:
         """(sweep id, baseline arm, records in schedule order) of a sweep read back from MLflow.
 
         `sweep` is a sweep id or a parent run name (the most recent sweep of that name); None means
-        the most recent sweep of the experiment.
+        the most recent sweep of the experiment. The records carry no outputs: the comparison does not read
+        them, and one more download per trial would slow it down (each child's outputs.json holds them).
         """
         with self._guard(f"loading sweep {sweep or '(latest)'}"):
             parents = sorted(self._sweep_runs(), key=lambda r: r.info.start_time, reverse=True)
@@ -598,6 +608,7 @@ class Tracker:
             tags[TAG_REASON] = record.reason
         if record.breakdown:
             tags[TAG_BREAKDOWN] = BREAKDOWN_ARTIFACT
+        tags.update({TAG_SEED_PREFIX + name: str(seed) for name, seed in record.seeds.items()})
         info = self._sweeps.get(record.sweep_id)
         if info is not None:  # "group by nova.arm_name" in MLflow's UI then reads "bt=64", not the whole label
             tags[TAG_ARM_NAME] = info.arm_names.get(record.arm, record.arm)
@@ -617,6 +628,10 @@ class Tracker:
         self._client.log_dict(run_id, record.config, CONFIG_ARTIFACT)
         if record.breakdown:
             self._client.log_dict(run_id, record.breakdown, BREAKDOWN_ARTIFACT)
+        if record.outputs:
+            # One request per line: log_dict's indented JSON would give every token id a line of its own.
+            lines = ",\n".join(json.dumps(tokens, separators=(",", ":")) for tokens in record.outputs)
+            self._client.log_text(run_id, f"[\n{lines}\n]\n", OUTPUTS_ARTIFACT)
         # Last, so that a child with nova.trial_id is known to be complete.
         self._log_batch(run_id, tags=_tags({TAG_TRIAL_ID: record.trial_id}))
         status = "FAILED" if record.status in _FAILED_STATUSES else "FINISHED"
@@ -679,6 +694,7 @@ class Tracker:
             metrics=dict(run.data.metrics),
             tags={k: v for k, v in tags.items() if not k.startswith(("nova.", "mlflow."))},
             breakdown=breakdown,
+            seeds={k.removeprefix(TAG_SEED_PREFIX): int(v) for k, v in tags.items() if k.startswith(TAG_SEED_PREFIX)},
             started_at=run.info.start_time / 1000,
             finished_at=(run.info.end_time or 0) / 1000,
         )

@@ -2,13 +2,21 @@
 
 1. open the arm's engine (novainfer.ab.trial_engine); one that cannot run here is "skipped", with why (also
    when that shows only as it starts);
-2. the correctness gate, unless [sweep.correctness] switches it off: "incorrect" when it fails; with no gate
-   (switched off, or an engine that has none) the trial is at best "unverified";
-3. start the engine for timing and generate the workload's first warmup_seqs requests, untimed;
+2. start the engine for timing and generate the workload's first warmup_seqs requests (bench.py's token ids),
+   untimed;
+3. draw the timed run's token ids from a fresh seed (recorded), so nothing about them is known at start-up;
 4. the timed run: the whole workload, from submitting the first request to the last request's final token;
+   every request's output token ids are kept in the record;
 5. the caliber check, one rule for every arm: each request must produce exactly its drawn output length
    (requests_off counts those that did not), and an engine that planned its schedule must have taken exactly
-   the planned steps (schedule_steps_off), else "caliber_mismatch".
+   the planned steps (schedule_steps_off), else "caliber_mismatch";
+6. the step gate, unless [sweep.correctness] switches checks off: a sample of the run's own steps, chosen from
+   a seed drawn now, after the run, replayed against the core's reference; "incorrect" when a step fails. With
+   no gate (switched off, or an engine that has none) the trial is at best "unverified".
+
+What the trial process cannot vouch for, it leaves to a process the backend never ran in: the executor checks
+the recorded output tokens against the reference (novainfer.ab.output_check) after this process has exited,
+and only then is an "ok" final.
 
 The parent (the sweep runner) sends a TrialRequest as JSON on stdin and reads progress lines (JSON) from
 stdout; the TrialRecord is written to the request's result path. Whatever goes wrong inside a trial ends up
@@ -18,6 +26,7 @@ in that record, so the sweep always learns why.
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 import traceback
@@ -87,15 +96,13 @@ def run_trial(request: TrialRequest, record: TrialRecord) -> None:
         return
     try:
         record.params.update(engine.params)
-        unverified = _gate(request, record, engine)
-        if record.status == "incorrect":
-            return
         emit("phase", name="load")
         engine.start()
         record.params.update(engine.params)
         record.tags.update(engine.tags)
         _timed_run(request, record, engine)
         record.tags.update(engine.tags)
+        unverified = _gate(request, record, engine)
         if record.status == "ok" and unverified is not None:
             record.status, record.reason = "unverified", unverified
     except EngineUnavailable as error:  # found out only when starting (an attention whose package is absent)
@@ -105,39 +112,45 @@ def run_trial(request: TrialRequest, record: TrialRecord) -> None:
 
 
 def _gate(request: TrialRequest, record: TrialRecord, engine: TrialEngine) -> str | None:
-    """Run the gate; sets "incorrect" when it fails. Returns why the trial is unverified, or None."""
+    """Run the step gate; sets "incorrect" when it fails. Returns why the trial is unverified, or None."""
     if not request.gate.enabled:
         record.tags["correctness_gate"] = "disabled"
         return GATE_OFF
     emit("phase", name="correctness")
-    report = engine.gate(request.gate)
+    record.seeds["gate_sample"] = secrets.randbits(63)
+    prompts = request.workload.prompts(record.seeds["tokens"])
+    report = engine.gate(request.gate, prompts, record.seeds["gate_sample"])
     if isinstance(report, str):
         record.tags["correctness_gate"] = f"not applicable: {report}"
         return f"no correctness gate: {report}"
     record.tags["correctness_gate"] = report.method
     record.metrics.update(report.metrics())
-    if not report.passed():
+    if not report.passed() and record.status == "ok":
         record.status, record.reason = "incorrect", report.problem()
     return None
 
 
 def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) -> None:
     workload = request.workload
-    prompts, output_lens = workload.prompts(), workload.output_lens()
+    output_lens = workload.output_lens()
     emit("phase", name="warmup")
-    warm = min(request.warmup_seqs, len(prompts))
+    warm = min(request.warmup_seqs, len(output_lens))
     if warm:
-        engine.generate(prompts[:warm], output_lens[:warm], lambda n: None)
+        engine.generate(workload.prompts()[:warm], output_lens[:warm], lambda n: None)
+    record.seeds["tokens"] = secrets.randbits(63)
+    prompts = workload.prompts(record.seeds["tokens"])
     expected = sum(output_lens)
     emit("phase", name="timed", total=expected)
     progress = _Progress(expected)
     engine.begin_timed()
     t0 = time.perf_counter()
-    counts = engine.generate(prompts, output_lens, progress.advance)
+    outputs = engine.generate(prompts, output_lens, progress.advance)
     seconds = time.perf_counter() - t0
+    record.outputs = outputs
     metrics = record.metrics
     metrics.update(engine.end_timed())
     record.breakdown = engine.breakdown
+    counts = [len(o) for o in outputs]
     actual = sum(counts)
     prompt_tokens = sum(len(p) for p in prompts)
     # Per request, not only the sum: a run that stops one request early and runs another long must not pass.
@@ -158,7 +171,7 @@ def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) 
         record.reason = f"{off} of {len(output_lens)} requests off their length ({actual} tokens, expected {expected})"
     elif steps_off:
         record.status = "caliber_mismatch"
-        record.reason = f"{steps_off} steps differ from the planned schedule the correctness gate sampled"
+        record.reason = f"{steps_off} steps differ from the planned schedule"
     else:
         record.status = "ok"
 

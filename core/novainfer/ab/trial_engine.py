@@ -24,8 +24,8 @@ class EngineUnavailable(RuntimeError):
 
 
 class TrialEngine(Protocol):
-    """An opened engine. The trial calls, in this order: gate (unless the gate is switched off), start,
-    generate for the untimed warm-up, begin_timed, generate for the timed run, end_timed, and close always.
+    """An opened engine. The trial calls, in this order: start, generate for the untimed warm-up, begin_timed,
+    generate for the timed run, end_timed, gate (unless checks are switched off), and close always.
 
     params: what the engine was given, flat ("<engine>.<argument>" -> value) and the versions it runs;
         read after open and again after start.
@@ -37,9 +37,10 @@ class TrialEngine(Protocol):
     tags: dict[str, str]
     breakdown: dict[str, dict[str, float]]
 
-    def gate(self, settings: GateSettings) -> GateReport | str:
-        """Check the engine's correctness against our reference before it takes its memory for timing.
-        Returns the report, or a one-line reason there can be none (the trial is then at best unverified)."""
+    def gate(self, settings: GateSettings, prompts: list[list[int]], seed: int) -> GateReport | str:
+        """After the timed run (whose prompts were `prompts`), check the engine's steps against our reference,
+        the sample drawn from `seed`; the timed engine may be let go first. Returns the report, or a one-line
+        reason there can be none (the trial is then at best unverified)."""
         ...
 
     def start(self) -> None:
@@ -48,8 +49,8 @@ class TrialEngine(Protocol):
 
     def generate(
         self, prompts: list[list[int]], output_lens: list[int], on_tokens: Callable[[int], None]
-    ) -> list[int]:
-        """Greedy, EOS ignored, request i asked for output_lens[i] tokens; returns the number each request
+    ) -> list[list[int]]:
+        """Greedy, EOS ignored, request i asked for output_lens[i] tokens; returns the token ids each request
         produced, once all are done and their tokens are on the host (so the clock can stop).
         `on_tokens(n)` is told of newly produced tokens as they come."""
         ...

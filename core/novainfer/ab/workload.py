@@ -8,8 +8,13 @@ nano-vllm's bench.py does, with the module-level `random` functions:
 
 `Workload` repeats those draws, in that order, from a `random.Random(seed)` of its own (whose draws equal the
 module-level ones after `random.seed(seed)`, without disturbing the global generator), so a NovaInfer number and
-a nano-vllm number at the same caliber measure the same requests. EOS is always ignored: every request produces
-exactly its drawn output length, which is what makes the token count a checkable caliber.
+a nano-vllm number at the same caliber measure requests of the same lengths. EOS is always ignored: every request
+produces exactly its drawn output length, which is what makes the token count a checkable caliber.
+
+The lengths are the caliber and stay the same for every arm. The timed run's token ids are drawn anew in each
+trial, after its engine has started, from a seed the trial records (`prompts(token_seed)`): a backend cannot
+compute the workload during start-up and replay it inside the timed window, and the check of the run's outputs
+rebuilds the same prompts from the recorded seed. bench.py's own ids (`prompts()`) serve the untimed warm-up.
 """
 
 from __future__ import annotations
@@ -53,9 +58,13 @@ class Workload:
         output_lens = tuple(rng.randint(out_lo, out_hi) for _ in range(self.num_seqs))
         return prompts, output_lens
 
-    def prompts(self) -> list[list[int]]:
-        """The prompts' token ids (fresh lists, so callers may keep or change them)."""
-        return [list(p) for p in self._drawn[0]]
+    def prompts(self, token_seed: int | None = None) -> list[list[int]]:
+        """The prompts' token ids (fresh lists, so callers may keep or change them): bench.py's, or with a
+        `token_seed` ids drawn from it, in [0, MAX_TOKEN_ID], for prompts of the same lengths."""
+        if token_seed is None:
+            return [list(p) for p in self._drawn[0]]
+        rng = random.Random(token_seed)
+        return [[rng.randint(0, MAX_TOKEN_ID) for _ in p] for p in self._drawn[0]]
 
     def output_lens(self) -> list[int]:
         """Each request's output length (its max_tokens; EOS is ignored, so also its exact output)."""

@@ -1,16 +1,26 @@
 """Backends built to slip past a weak verdict: each is native's attention, made wrong in one way only.
 
-wrong-when-mixed:     zeros in every step that mixes decodes with prefill chunks.
-wrong-when-continued: zeros for prefill chunks that continue a prefix already in the cache.
-wrong-past-48-keys:   zeros for sequences longer than 48 tokens.
-wrong-in-graphs:      halves the output only inside a captured CUDA graph (eager calls are right).
-drops-token:          right attention, but the engine returns request 0 one token short.
-moves-token:          right attention, but one token of request 0 is reported as request 1's (total unchanged).
-slow-but-right:       right, and 20 ms slower per step: an honest backend a sweep must keep "ok".
+wrong-when-mixed:        zeros in every step that mixes decodes with prefill chunks.
+wrong-when-continued:    zeros for prefill chunks that continue a prefix already in the cache.
+wrong-past-48-keys:      zeros for sequences longer than 48 tokens.
+wrong-in-graphs:         halves the output only inside a captured CUDA graph (eager calls are right).
+drops-token:             right attention, but the engine returns request 0 one token short.
+moves-token:             right attention, but one token of request 0 is reported as request 1's (total unchanged).
+slow-but-right:          right, and 20 ms slower per step: an honest backend a sweep must keep "ok".
+wrong-in-first-engine:   zeros in every step of the process's first instance only (the timed engine is built first).
+wrong-after-24-steps:    zeros once the process has run more than 24 steps of it, over all its instances.
+wrong-with-large-cache:  zeros when the engine's KV cache has more than 32 blocks; right in small caches.
+wrong-unless-checked:    zeros unless a module named novainfer.ab.gate* is on the call stack (the gate).
+wrong-every-12th-step:   zeros in every 12th step of the process (12, 24, 36, ...), over all its instances.
+wrong-at-max-seqs:       zeros in decode-only steps whose real sequences number exactly max_num_seqs.
+wrong-in-row-3:          zeros row 3 only (the 4th decode) of decode-only steps of at least 4 sequences.
+wrong-for-lengths-39-46: zeros for sequences whose length (cached prefix + this step's tokens) is 39 to 46.
+small-uniform-error:     scales every attention output by 1.006: a 0.6% error everywhere, no row zeroed.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,6 +35,19 @@ from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
 from novainfer_native.backend import NativeBackend
 
 WRONG_PAST_KEYS = 48
+WRONG_AFTER_STEPS = 24
+LARGE_CACHE_BLOCKS = 32
+WRONG_EVERY_STEPS = 12
+WRONG_ROW = 3
+WRONG_SEQ_LENS = range(39, 47)
+CHECKER_MODULE = "novainfer.ab.gate"
+UNIFORM_ERROR = 1.006
+
+# Process-wide state, on purpose: these fixtures cheat by behaving differently in different engines
+# of one process, or later in its life, which only state shared by every instance can model. An
+# honest backend never does this; a checker in the same process must not be fooled by it.
+_first_engine_instances = 0  # WrongInFirstEngine instances created so far
+_steps_run: dict[str, int] = {}  # per StepCounted class: prepare_attention_metadata calls, all instances
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,116 @@ class SlowButRight(NativeBackend):
         return super().prepare_attention_metadata(batch=batch)
 
 
+def _decode_only(batch: StepBatch) -> bool:
+    """Whether the step holds decodes only: a graph batch's padding rows are dummy decodes, not prefills."""
+    return batch.cuda_graph or not batch.num_prefills
+
+
+def _called_from(prefix: str) -> bool:
+    """Whether any frame on the call stack runs code of a module whose name starts with `prefix`."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(prefix):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class StepCounted(Adversary):
+    """An adversary that numbers its steps process-wide (1, 2, ...), over every instance of its class."""
+
+    step = 0
+
+    @hookimpl
+    def prepare_attention_metadata(self, batch: StepBatch) -> WithBatch:
+        # Once per step; the step's attention calls (one per layer) then read self.step.
+        name = type(self).__name__
+        _steps_run[name] = self.step = _steps_run.get(name, 0) + 1
+        return super().prepare_attention_metadata(batch=batch)
+
+
+class WrongInFirstEngine(Adversary):
+    """Wrong in the first instance the process creates, right in every later one."""
+
+    def __init__(self, context: AttentionContext) -> None:
+        global _first_engine_instances
+        super().__init__(context)
+        self.instance = _first_engine_instances
+        _first_engine_instances += 1
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        return [(0, batch.num_tokens)] if self.instance == 0 else []
+
+
+class WrongAfterSteps(StepCounted):
+    """Right for the process's first 24 steps of it, wrong from step 25 on."""
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        return [(0, batch.num_tokens)] if self.step > WRONG_AFTER_STEPS else []
+
+
+class WrongWithLargeCache(Adversary):
+    """Wrong in engines whose KV cache has more than 32 blocks: a check with a small cache passes it."""
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        return [(0, batch.num_tokens)] if self.context.num_blocks > LARGE_CACHE_BLOCKS else []
+
+
+class WrongUnlessChecked(Adversary):
+    """Right while the correctness gate is on the call stack, wrong everywhere else."""
+
+    checked = False
+
+    @hookimpl
+    def prepare_attention_metadata(self, batch: StepBatch) -> WithBatch:
+        # One stack walk per step, not one per layer: the stack is the same for all of its layers.
+        self.checked = _called_from(CHECKER_MODULE)
+        return super().prepare_attention_metadata(batch=batch)
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        return [] if self.checked else [(0, batch.num_tokens)]
+
+
+class WrongEveryNthStep(StepCounted):
+    """Wrong in the process's steps 12, 24, 36, ... of it: a check of a few steps likely misses them."""
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        return [(0, batch.num_tokens)] if self.step % WRONG_EVERY_STEPS == 0 else []
+
+
+class WrongAtMaxSeqs(Adversary):
+    """Wrong in decode-only steps that hold exactly max_num_seqs real sequences, the full batch."""
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        full = _decode_only(batch) and batch.num_decodes == self.context.max_num_seqs
+        return [(0, batch.num_tokens)] if full else []
+
+
+class WrongInRow(Adversary):
+    """Wrong in one row only, the 4th decode's, so a check of a step's first rows or its mean misses it."""
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        if _decode_only(batch) and batch.num_decodes > WRONG_ROW:
+            return [(WRONG_ROW, WRONG_ROW + 1)]
+        return []
+
+
+class WrongForLengths(Adversary):
+    """Wrong for sequences of lengths 39 to 46 only, a band a check of short and long prompts skips."""
+
+    def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
+        return [(start, end) for start, end, _, seq_len in _sequences(batch) if seq_len in WRONG_SEQ_LENS]
+
+
+class SmallUniformError(NativeBackend):
+    """Every output 0.6% too large: no row stands out, and a loose tolerance passes it."""
+
+    @hookimpl
+    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+        out = super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale)
+        return out * UNIFORM_ERROR
+
+
 def _patch_outputs(change: Callable[[list[RequestOutput]], list[RequestOutput]]) -> None:
     """Make every LLM.generate of this process return `change(outputs)`: an engine that misreports tokens."""
     generate = LLM.generate
@@ -131,6 +264,15 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
         "drops-token": _misreporting(_drop),
         "moves-token": _misreporting(_move),
         "slow-but-right": SlowButRight,
+        "wrong-in-first-engine": WrongInFirstEngine,
+        "wrong-after-24-steps": WrongAfterSteps,
+        "wrong-with-large-cache": WrongWithLargeCache,
+        "wrong-unless-checked": WrongUnlessChecked,
+        "wrong-every-12th-step": WrongEveryNthStep,
+        "wrong-at-max-seqs": WrongAtMaxSeqs,
+        "wrong-in-row-3": WrongInRow,
+        "wrong-for-lengths-39-46": WrongForLengths,
+        "small-uniform-error": SmallUniformError,
     }
     for name, create in backends.items():
         register(BackendSpec(name, create, caps))

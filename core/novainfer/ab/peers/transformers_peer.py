@@ -60,7 +60,7 @@ from novainfer.engine import resolve_dtype
 from novainfer.models.presets import Qwen2Config
 
 GATE_METHOD = (
-    f"float32 model forward (not the paged path) against {REFERENCE_BACKEND}: logits of every row within max_rel_err"
+    "float32 model forward (not the paged path) against the core's reference: logits of every row within max_rel_err"
 )
 GATE_SEQS = 4
 GATE_PROMPT_LEN = 64
@@ -81,8 +81,9 @@ class TransformersEngine(PeerEngine):
         super().__init__(request)
         self.manager: Any = None
 
-    def gate(self, settings: GateSettings) -> GateReport:
-        """Per-row relative error of transformers' logits against our native reference, teacher-forced."""
+    def gate(self, settings: GateSettings, prompts: list[list[int]], seed: int) -> GateReport:
+        """Per-row relative error of transformers' logits against our reference, teacher-forced, on the
+        bench.py prompts (the whole model forward has no step shapes to sample: `prompts` and `seed` unused)."""
         started = time.perf_counter()
         config, device = self.config, self.device
         n = min(GATE_SEQS, self.workload.num_seqs)
@@ -99,7 +100,7 @@ class TransformersEngine(PeerEngine):
         expected = reference.teacher_forced_logits(prompts, continuations)
         del reference
         model = _load(self.model_dir, torch.float32, "sdpa", device)
-        report = GateReport({"model-forward": KindCoverage(run_steps=0)}, method=GATE_METHOD)
+        report = GateReport({"model-forward": KindCoverage(run_steps=0)}, method=GATE_METHOD, bar=settings.max_rel_err)
         report.setup_seconds = time.perf_counter() - started
         with torch.inference_mode():
             for prompt, continuation, want in zip(prompts, continuations, expected):
@@ -170,15 +171,15 @@ class TransformersEngine(PeerEngine):
 
     def generate(
         self, prompts: list[list[int]], output_lens: list[int], on_tokens: Callable[[int], None]
-    ) -> list[int]:
+    ) -> list[list[int]]:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         ids = [
             self.manager.add_request(prompt, max_new_tokens=n, eos_token_id=-1)
             for prompt, n in zip(prompts, output_lens)
         ]
-        counts: dict[str, int] = {}
-        while len(counts) < len(ids):
+        produced: dict[str, list[int]] = {}
+        while len(produced) < len(ids):
             result = self.manager.get_result(timeout=_POLL_S)
             if result is None:
                 if not self.manager.is_running():
@@ -189,11 +190,11 @@ class TransformersEngine(PeerEngine):
                 continue
             if result.error is not None:
                 raise RuntimeError(f"transformers request {result.request_id} failed: {result.error}")
-            counts[result.request_id] = len(result.generated_tokens)
-            on_tokens(counts[result.request_id])
+            produced[result.request_id] = list(result.generated_tokens)
+            on_tokens(len(produced[result.request_id]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return [counts[i] for i in ids]
+        return [produced[i] for i in ids]
 
     def end_timed(self) -> dict[str, float]:
         return {"peak_memory_bytes": peak_memory_bytes(self.device), "kv_cache_blocks": self.num_blocks}

@@ -69,7 +69,7 @@ class VllmEngine(PeerEngine):
         self.llm: Any = None
         self.scratch = Path(tempfile.mkdtemp(prefix="nova-vllm-"))
 
-    def gate(self, settings: object) -> str:
+    def gate(self, settings: object, prompts: list[list[int]], seed: int) -> str:
         return NO_GATE
 
     def start(self) -> None:
@@ -120,7 +120,7 @@ class VllmEngine(PeerEngine):
 
     def generate(
         self, prompts: list[list[int]], output_lens: list[int], on_tokens: Callable[[int], None]
-    ) -> list[int]:
+    ) -> list[list[int]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -128,9 +128,9 @@ class VllmEngine(PeerEngine):
             SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False) for n in output_lens
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        counts = [len(output.outputs[0].token_ids) for output in outputs]
-        on_tokens(sum(counts))
-        return counts
+        produced = [list(output.outputs[0].token_ids) for output in outputs]
+        on_tokens(sum(len(ids) for ids in produced))
+        return produced
 
     def end_timed(self) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -1,0 +1,103 @@
+"""The check of a timed run's own tokens: honest outputs pass in every dtype, one wrong token is named, the margin is
+the floor's measured rounding, and the checking process runs the core's reference with no backend plugin loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from novainfer import LLM, SamplingParams
+from novainfer.ab.output_check import OutputCheck, check_outputs
+from novainfer.ab.workload import Workload
+from novainfer.config import EngineConfig
+from novainfer.hookspecs import hookimpl
+from novainfer.plugins import BackendError, BackendSpec, Capabilities, discover_backends, select_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOAD = Workload(num_seqs=8, input_len=(16, 64), output_len=(8, 32), seed=0)
+SETTINGS = dict(
+    model="random:qwen2-tiny-wide", device="cpu", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
+    kv_cache_capacity=1024,
+)
+
+
+def honest_run(dtype: str, token_seed: int = 3) -> tuple[EngineConfig, list[list[int]], list[list[int]]]:
+    config = EngineConfig(backend="native", dtype=dtype, **SETTINGS)
+    prompts = WORKLOAD.prompts(token_seed)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in WORKLOAD.output_lens()]
+    outputs = [o.token_ids for o in LLM(**config.to_dict()).generate(prompts, params)]
+    return config, prompts, outputs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_honest_run_passes_with_every_token_checked_within_its_floor(dtype: str) -> None:
+    config, prompts, outputs = honest_run(dtype)
+    report = check_outputs(config, prompts, outputs, floor_margin=2.0)
+    assert report.passed() and report.complete(), report.problem()
+    assert report.tokens_checked == report.tokens_produced == WORKLOAD.expected_output_tokens
+    assert report.tokens_outside == 0 and report.worst_ratio <= 1
+    # The margin is measured, not set: four times the floor's largest logit difference, which bfloat16's
+    # rounding makes far larger than float32's.
+    assert report.floor_delta > 0 and report.margin == pytest.approx(4 * report.floor_delta)
+    assert (report.floor_delta > 1e-2) is (dtype == "bfloat16")
+
+
+def test_one_wrong_token_is_outside_and_named_by_request_and_position() -> None:
+    config, prompts, outputs = honest_run("float32")
+    request = 5
+    last = len(outputs[request]) - 1
+    # The reference's least likely token at that position: far outside any rounding.
+    reference = LLM(**{**config.to_dict(), "backend": "reference"}, warm_up=False)
+    (logits,) = reference.teacher_forced_logits([prompts[request]], [outputs[request]])
+    outputs[request][last] = int(logits[last].argmin())
+    report = check_outputs(config, prompts, outputs, floor_margin=2.0)
+    assert not report.passed()
+    assert report.tokens_outside == 1 and report.tokens_checked == WORKLOAD.expected_output_tokens
+    assert (report.worst_request, report.worst_position) == (request, last)
+    assert report.worst_gap > 100 * report.margin
+    assert f"request {request}, output token {last}" in report.problem()
+
+
+def test_the_report_travels_as_json_with_a_nan_failing() -> None:
+    report = OutputCheck(tokens_produced=3, tokens_checked=3, worst_ratio=float("nan"))
+    again = OutputCheck.from_json(report.to_json())
+    assert again.tokens_checked == 3 and not again.passed()
+
+
+def test_the_checking_process_loads_no_backend_plugin(pip_install: Callable[[Path], Path]) -> None:
+    """The adversarial plugin installed where the process would find it: the check still runs the core's
+    reference alone, and says which plugin modules it saw (none)."""
+    site = pip_install(ROOT / "tests" / "plugins" / "adversarial")
+    config, prompts, outputs = honest_run("float32")
+    payload = {"config": config.to_dict(), "prompts": prompts, "outputs": outputs, "floor_margin": 2.0}
+    done = subprocess.run(
+        [sys.executable, "-m", "novainfer.ab.output_check"], input=json.dumps(payload), capture_output=True, text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300, check=True,
+    )
+    report = OutputCheck.from_json(done.stdout.strip().splitlines()[-1])
+    assert report.passed() and report.plugins_loaded == ()
+    probe = "import novainfer.ab.output_check as c, novainfer_adversarial; print(c.plugin_modules_loaded())"
+    seen = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env={"PYTHONPATH": str(site)}, check=True
+    )
+    assert "novainfer_adversarial" in seen.stdout  # the probe would see a loaded plugin
+
+
+def test_the_core_reference_needs_no_plugin_and_no_plugin_may_take_its_name() -> None:
+    import torch
+
+    chosen = select_backend("reference", torch.device("cpu"), torch.float32, 16)
+    assert chosen.plugin == "novainfer (core)"
+
+    class Impostor:
+        @hookimpl
+        def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
+            register(BackendSpec("reference", object, Capabilities(devices=("cpu",), dtypes=("float32",))))
+
+    with pytest.raises(BackendError, match="registered twice"):
+        discover_backends([Impostor()])
