@@ -46,8 +46,8 @@ from gpu_check import (
 )
 
 from novainfer import LLM
-from novainfer.batch import StepBatch
-from novainfer.plugins import AttentionContext, discover_backends
+from novainfer.backend_api import AttentionContext, StepBatch
+from novainfer.plugins import discover_backends
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -115,8 +115,8 @@ class Fixtures:
             context = AttentionContext(
                 num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, num_layers=1,
                 block_size=block_size, num_blocks=num_blocks(block_size), max_num_seqs=MAX_SEQS,
-                max_num_batched_tokens=MAX_TOKENS, max_model_len=MAX_MODEL_LEN, dtype=dtype, device=DEVICE,
-                options=dict(options),
+                max_num_batched_tokens=MAX_TOKENS, max_model_len=MAX_MODEL_LEN,
+                max_blocks_per_seq=-(-MAX_MODEL_LEN // block_size), dtype=dtype, device=DEVICE, options=dict(options),
             )
             self.backends[key] = self.registry[name].spec.create(context)
         return self.backends[key]
@@ -289,7 +289,7 @@ def start_row(policy: str) -> Row:
     width = -(-HEADLINE["max_model_len"] // HEADLINE["block_size"])
     context = AttentionContext(
         num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, num_layers=28,
-        num_blocks=1 + HEADLINE["max_num_seqs"] * width, dtype=torch.bfloat16, device=DEVICE,
+        num_blocks=1 + HEADLINE["max_num_seqs"] * width, max_blocks_per_seq=width, dtype=torch.bfloat16, device=DEVICE,
         options={"prebuild": policy}, **HEADLINE,
     )
     started = time.perf_counter()

@@ -47,8 +47,8 @@ from gpu_check import (
 )
 
 from novainfer import LLM
-from novainfer.batch import StepBatch
-from novainfer.plugins import AttentionContext, discover_backends, engine_plugin_manager, resolve_hook
+from novainfer.backend_api import AttentionContext, StepBatch
+from novainfer.plugins import discover_backends, engine_plugin_manager, resolve_hook
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -101,7 +101,8 @@ class Harness:
         if key not in self.made:
             context = AttentionContext(
                 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, 1, block_size, 1 + MAX_SEQS * MAX_MODEL_LEN // block_size,
-                MAX_SEQS, MAX_TOKENS, MAX_MODEL_LEN, dtype, DEVICE, dict(options),
+                MAX_SEQS, MAX_TOKENS, MAX_MODEL_LEN, -(-MAX_MODEL_LEN // block_size), dtype, DEVICE,
+                options=dict(options),
             )
             t0 = time.perf_counter()
             try:

@@ -48,8 +48,8 @@ from gpu_check import (
 )
 
 from novainfer import LLM
-from novainfer.batch import StepBatch
-from novainfer.plugins import AttentionContext, discover_backends, engine_plugin_manager, resolve_hook
+from novainfer.backend_api import AttentionContext, StepBatch
+from novainfer.plugins import discover_backends, engine_plugin_manager, resolve_hook
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -162,8 +162,8 @@ class Backends:
             context = AttentionContext(
                 num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, num_layers=1,
                 block_size=block_size, num_blocks=1 + MAX_SEQS * MAX_MODEL_LEN // block_size, max_num_seqs=MAX_SEQS,
-                max_num_batched_tokens=MAX_TOKENS, max_model_len=MAX_MODEL_LEN, dtype=dtype, device=DEVICE,
-                options=dict(options),
+                max_num_batched_tokens=MAX_TOKENS, max_model_len=MAX_MODEL_LEN,
+                max_blocks_per_seq=-(-MAX_MODEL_LEN // block_size), dtype=dtype, device=DEVICE, options=dict(options),
             )
             t0 = time.perf_counter()
             try:

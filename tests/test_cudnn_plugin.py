@@ -24,10 +24,17 @@ import pytest
 import torch
 
 from novainfer import LLM
-from novainfer.batch import StepBatch
-from novainfer.cuda_graphs import DecodeGraphs, decode_buckets
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError, BackendSpec, Capabilities, resolve_hook
+from novainfer.backend_api import (
+    AttentionContext,
+    BackendError,
+    BackendSpec,
+    Capabilities,
+    StepBatch,
+    cuda_graph_sizes,
+    hookimpl,
+)
+from novainfer.cuda_graphs import DecodeGraphs
+from novainfer.plugins import resolve_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "cudnn"
@@ -110,8 +117,8 @@ def test_every_reachable_step_has_a_prebuilt_graph_and_every_graph_is_reachable(
 @pytest.mark.parametrize("max_num_seqs", [1, 3, 24, 100, 256])
 def test_decode_graphs_are_exactly_the_engine_cuda_graph_buckets(max_num_seqs: int) -> None:
     keys = GraphKeys.for_limits(Limits(max_num_seqs, 16384, 4096, 16))
-    assert keys.decode_batches == tuple(decode_buckets(max_num_seqs))
-    for bucket in decode_buckets(max_num_seqs):
+    assert keys.decode_batches == cuda_graph_sizes(max_num_seqs)
+    for bucket in cuda_graph_sizes(max_num_seqs):
         plan = plan_step(keys, bucket, 0, 0)
         assert plan.decode == GraphKey("decode", bucket, 1) and not plan.stages_decodes
 
@@ -169,7 +176,8 @@ def test_prebuild_option() -> None:
 
 
 def make_batch(
-    q_lens: list[int], kv_lens: list[int], tables: list[list[int]], width: int, num_decodes: int, cuda_graph: bool
+    q_lens: list[int], kv_lens: list[int], tables: list[list[int]], width: int, num_decodes: int, cuda_graph: bool,
+    num_actual_seqs: int | None = None,
 ) -> StepBatch:
     """A step as the model runner lays it out, on the CPU."""
     starts = [0, *itertools.accumulate(q_lens)]
@@ -184,7 +192,8 @@ def make_batch(
         block_tables=block_tables, query_start_loc_cpu=torch.tensor(starts, dtype=torch.int32),
         seq_lens_cpu=torch.tensor(kv_lens, dtype=torch.int32), block_tables_cpu=block_tables.clone(),
         logits_indices=torch.zeros(0, dtype=torch.int64),
-        num_decodes=num_decodes, max_query_len=max(q_lens), max_seq_len=max(kv_lens), block_size=4,
+        num_decodes=num_decodes, num_actual_seqs=num_actual_seqs or len(q_lens), max_query_len=max(q_lens),
+        max_seq_len=max(kv_lens), block_size=4,
         cuda_graph=cuda_graph,
     )
 
@@ -240,7 +249,7 @@ def test_a_cuda_graph_batch_runs_the_decode_graph_of_its_size_over_every_row() -
     layout = Layout(GraphKeys.for_limits(limits), limits.table_width, 2, 8, torch.float32, torch.device("cpu"))
     # Padded by the engine to its bucket 4: 3 real decodes, one row of the scratch block (seq_len 1).
     batch = make_batch([1, 1, 1, 1], [7, 2, 5, 1], [[1, 2], [3], [4, 5], [0]], limits.table_width,
-                       num_decodes=3, cuda_graph=True)
+                       num_decodes=4, cuda_graph=True, num_actual_seqs=3)
     plan = layout.prepare(batch)
     assert plan == StepPlan(4, GraphKey("decode", 4, 1), None) and not plan.stages_decodes
     assert flat(layout.inputs(plan.decode).seq_len_kv) == [7, 2, 5, 1]
@@ -350,7 +359,7 @@ def test_the_step_split_into_graph_calls_gives_the_native_logits(graphs: bool) -
     assert any(plan.decode and plan.prefill for _, plan in steps), "expected mixed steps"
     assert any(plan.prefill and plan.prefill.batch > batch.num_prefills for batch, plan in steps)
     assert any(plan.stages_decodes for _, plan in steps)
-    assert any(batch.cuda_graph and batch.num_decodes < batch.num_seqs for batch, _ in steps) == graphs
+    assert any(batch.cuda_graph and batch.num_actual_seqs < batch.num_seqs for batch, _ in steps) == graphs
     built = set(plugin.instances[-1].layout.keys.all())
     assert all({plan.decode, plan.prefill} - {None} <= built for _, plan in steps), "a graph missing from the prebuild"
     runs = plugin.instances[-1].runs

@@ -8,19 +8,20 @@ import random
 import torch
 
 from novainfer import LLM
-from novainfer.cuda_graphs import DecodeGraphs, decode_buckets
+from novainfer.backend_api import cuda_graph_sizes
+from novainfer.cuda_graphs import DecodeGraphs
 from novainfer.plugins import resolve_hook
 
 SETTINGS = dict(device="cpu", max_model_len=96, max_num_seqs=24, max_num_batched_tokens=256, block_size=4)
 
 
 def test_buckets_cover_every_batch_size() -> None:
-    assert decode_buckets(256)[:5] == [1, 2, 4, 8, 16] and decode_buckets(256)[-1] == 256
+    assert cuda_graph_sizes(256)[:5] == (1, 2, 4, 8, 16) and cuda_graph_sizes(256)[-1] == 256
     for max_seqs in (1, 3, 24, 100, 256):
-        buckets = decode_buckets(max_seqs)
-        assert buckets == sorted(set(buckets)) and buckets[-1] == max_seqs
+        buckets = cuda_graph_sizes(max_seqs)
+        assert list(buckets) == sorted(set(buckets)) and buckets[-1] == max_seqs
         assert all(any(b >= n for b in buckets) for n in range(1, max_seqs + 1))
-    assert len(decode_buckets(256)) == 20, "the bucket set must stay small: each costs a capture"
+    assert len(cuda_graph_sizes(256)) == 20, "the bucket set must stay small: each costs a capture"
 
 
 def test_padded_decode_steps_give_the_same_logits_as_unpadded() -> None:

@@ -26,10 +26,9 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.batch import StepBatch
+from novainfer.backend_api import BackendError, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.cuda_graphs import DecodeGraphs
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import BackendError, BackendSpec, Capabilities, resolve_hook
+from novainfer.plugins import resolve_hook
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import Sequence
 
@@ -508,7 +507,8 @@ import json
 import sys
 import torch
 from novainfer import LLM
-from novainfer.plugins import AttentionContext, BackendError, discover_backends
+from novainfer.backend_api import AttentionContext, BackendError
+from novainfer.plugins import discover_backends
 
 backend = discover_backends()["flashattn"]
 caps = backend.spec.capabilities
@@ -520,7 +520,9 @@ try:
 except BackendError as error:
     result["engine"] = str(error)
 for name, options in (("bad option", {"generation": "3"}), ("no package", {})):
-    context = AttentionContext(12, 2, 128, 1, 16, 8, 4, 64, 128, torch.bfloat16, torch.device("cuda"), options)
+    context = AttentionContext(
+        12, 2, 128, 1, 16, 8, 4, 64, 128, 8, torch.bfloat16, torch.device("cuda"), options=options
+    )
     try:
         backend.spec.create(context)
     except BackendError as error:

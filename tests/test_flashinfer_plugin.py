@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from novainfer import LLM, SamplingParams
-from novainfer.batch import StepBatch
+from novainfer.backend_api import BackendError, StepBatch
 from novainfer.cuda_graphs import DecodeGraphs
-from novainfer.plugins import BackendError, resolve_hook
+from novainfer.plugins import resolve_hook
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 from novainfer.sequence import Sequence
 
@@ -248,7 +248,8 @@ INSTALLED_CHECK = """
 import json
 import torch
 from novainfer import LLM
-from novainfer.plugins import AttentionContext, BackendError, discover_backends
+from novainfer.backend_api import AttentionContext, BackendError
+from novainfer.plugins import discover_backends
 
 backend = discover_backends()["flashinfer"]
 caps = backend.spec.capabilities
@@ -259,7 +260,9 @@ try:
 except BackendError as error:
     result["engine"] = str(error)
 # Options are checked before flashinfer is imported, so a typo is reported even here.
-context = AttentionContext(12, 2, 128, 1, 16, 8, 4, 64, 128, torch.bfloat16, torch.device("cuda"), {"kernels": 1})
+context = AttentionContext(
+    12, 2, 128, 1, 16, 8, 4, 64, 128, 8, torch.bfloat16, torch.device("cuda"), options={"kernels": 1}
+)
 try:
     backend.spec.create(context)
 except BackendError as error:

@@ -12,11 +12,9 @@ import torch
 from novainfer.ab.gate import GateReport, GateSettings, KindCoverage, check_backend, choose_sample, forced_sequences
 from novainfer.ab.schedule import CONTINUED_CHUNK, MIXED, kind_counts, labelled, plan_schedule
 from novainfer.ab.workload import Workload
-from novainfer.batch import StepBatch
+from novainfer.backend_api import BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.config import EngineConfig
-from novainfer.hookspecs import hookimpl
 from novainfer.models.qwen2 import build_model
-from novainfer.plugins import BackendSpec, Capabilities
 from novainfer_native.backend import NativeBackend
 
 WORKLOAD = Workload(num_seqs=8, input_len=(16, 64), output_len=(8, 32), seed=0)

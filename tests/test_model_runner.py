@@ -7,9 +7,7 @@ from typing import Any
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 
 LIMITS = dict(device="cpu", max_model_len=48, max_num_seqs=6, max_num_batched_tokens=40, kv_cache_capacity=512)
 

@@ -14,9 +14,9 @@ import pytest
 from novainfer import LLM, SamplingParams
 from novainfer.ab.output_check import OutputCheck, check_outputs
 from novainfer.ab.workload import Workload
+from novainfer.backend_api import BackendError, BackendSpec, Capabilities, hookimpl
 from novainfer.config import EngineConfig
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import BackendError, BackendSpec, Capabilities, discover_backends, select_backend
+from novainfer.plugins import discover_backends, select_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD = Workload(num_seqs=8, input_len=(16, 64), output_len=(8, 32), seed=0)

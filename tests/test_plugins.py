@@ -10,17 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from novainfer import LLM, SamplingParams, hookspecs
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import (
-    AttentionContext,
-    BackendError,
-    BackendSpec,
-    Capabilities,
-    discover_backends,
-    unsupported_reason,
-)
+from novainfer import LLM, SamplingParams, backend_api
+from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, StepBatch, hookimpl
+from novainfer.plugins import discover_backends, unsupported_reason
 
 TINY = dict(device="cpu", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_capacity=512)
 
@@ -104,7 +96,7 @@ def test_unknown_and_unavailable_backends_fail_with_the_available_list() -> None
 
 
 def test_every_hook_is_documented() -> None:
-    hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "novainfer_spec")]
+    hooks = [f for name, f in inspect.getmembers(backend_api, inspect.isfunction) if hasattr(f, "novainfer_spec")]
     assert {f.__name__ for f in hooks} >= {"register_backends", "prepare_attention_metadata", "write_kv", "attention"}
     for hook in hooks:
         doc = inspect.getdoc(hook) or ""

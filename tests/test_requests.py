@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer_native.backend import NativeBackend
 
 SETTINGS: dict[str, Any] = dict(device="cpu", max_model_len=64, kv_cache_capacity=256, warm_up=False)

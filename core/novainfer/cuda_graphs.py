@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from novainfer.backend_api import cuda_graph_sizes
 from novainfer.block_manager import scratch_sequence
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
 
@@ -26,18 +27,13 @@ if TYPE_CHECKING:
 HookCallers = tuple[Callable[..., Any], Callable[..., Any]]  # (write_kv, attention)
 
 
-def decode_buckets(max_num_seqs: int) -> list[int]:
-    sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs} | set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs}
-    return sorted(sizes)
-
-
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, hooks: HookCallers, capture: bool) -> None:
         """`hooks` are the backend's write_kv and attention callables without observers: events and
         timers cannot be recorded inside a capture."""
         self.runner = runner
         self.hooks = hooks
-        self.buckets = decode_buckets(runner.buffers.max_seqs)
+        self.buckets = cuda_graph_sizes(runner.buffers.max_seqs)
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, hidden)

@@ -12,20 +12,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from novainfer.block_manager import BlockManager
+from novainfer.backend_api import AttentionContext, cuda_graph_sizes
+from novainfer.block_manager import BlockManager, blocks_for
 from novainfer.config import EngineConfig
 from novainfer.cuda_graphs import DecodeGraphs
 from novainfer.kv_cache import allocate_kv_caches, num_kv_blocks
 from novainfer.model_runner import ModelRunner
 from novainfer.models.presets import RANDOM_PREFIX
 from novainfer.models.qwen2 import Qwen2ForCausalLM, build_model
-from novainfer.plugins import (
-    AttentionContext,
-    RegisteredBackend,
-    engine_plugin_manager,
-    resolve_hook,
-    select_backend,
-)
+from novainfer.plugins import RegisteredBackend, engine_plugin_manager, resolve_hook, select_backend
 from novainfer.scheduler import Scheduler
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -105,11 +100,14 @@ class LLM:
         mc = self.model_config
         num_blocks = num_kv_blocks(cfg, mc, self.device, self.dtype, self.kv_dtype)
         self.kv_caches = allocate_kv_caches(mc, num_blocks, cfg.block_size, self.kv_dtype, self.device)
+        graphs_asked = cfg.cuda_graphs and self.device.type == "cuda" and self.backend.spec.capabilities.cuda_graphs
         context = AttentionContext(
             num_q_heads=mc.num_attention_heads, num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
             num_layers=mc.num_hidden_layers, block_size=cfg.block_size, num_blocks=num_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=cfg.max_model_len, dtype=self.kv_dtype, device=self.device,
+            max_model_len=cfg.max_model_len, max_blocks_per_seq=blocks_for(cfg.max_model_len, cfg.block_size),
+            dtype=self.kv_dtype, device=self.device, cuda_graphs=graphs_asked,
+            cuda_graph_sizes=cuda_graph_sizes(cfg.max_num_seqs),
             options=dict(cfg.backend_options),
         )
         self.pm = engine_plugin_manager(self.backend.spec.create(context), observers)

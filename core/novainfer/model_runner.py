@@ -8,7 +8,7 @@ import numpy as np
 import pluggy
 import torch
 
-from novainfer.batch import StepBatch
+from novainfer.backend_api import StepBatch
 from novainfer.block_manager import BlockManager, scratch_sequence
 from novainfer.cuda_graphs import DecodeGraphs, HookCallers
 from novainfer.models.qwen2 import Qwen2ForCausalLM, StepContext
@@ -71,6 +71,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
+        self.max_model_len = max_model_len
         self.device = device
         self.buffers = StepBuffers(
             max_num_batched_tokens, max_num_seqs, -(-max_model_len // self.block_size), device
@@ -128,13 +129,15 @@ class ModelRunner:
         d_ids, d_pos, d_slots, d_logits = buf.views64(buf.dev64, num_tokens, num_logits)
         d_qsl, d_lens, d_tables = buf.views32(buf.dev32, num_seqs)
         h_qsl, h_lens, h_tables = buf.views32(buf.host32, num_seqs)
+        graph = pad_to is not None
+        # A graph batch's values hold for every step its graph replays (see StepBatch.cuda_graph).
         return StepBatch(
             input_ids=d_ids, positions=d_pos, slot_mapping=d_slots, query_start_loc=d_qsl,
             seq_lens=d_lens, block_tables=d_tables, query_start_loc_cpu=h_qsl, seq_lens_cpu=h_lens,
-            block_tables_cpu=h_tables,
-            logits_indices=d_logits, num_decodes=out.num_decodes,
-            max_query_len=max(e.num_new_tokens for e in entries),
-            max_seq_len=int(seq_lens.max()), block_size=bs, cuda_graph=pad_to is not None,
+            block_tables_cpu=h_tables, logits_indices=d_logits,
+            num_decodes=num_seqs if graph else out.num_decodes, num_actual_seqs=len(entries),
+            max_query_len=1 if graph else max(e.num_new_tokens for e in entries),
+            max_seq_len=self.max_model_len if graph else int(seq_lens.max()), block_size=bs, cuda_graph=graph,
         )
 
     def forward(self, batch: StepBatch, metadata: Any, hooks: HookCallers | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from novainfer.hookspecs import hookimpl
+from novainfer.backend_api import hookimpl
 
 
 class NvtxRanges:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
@@ -11,12 +11,13 @@ from typing import Any
 import pluggy
 import torch
 
-from novainfer import hookspecs
-from novainfer.hookspecs import hookimpl
+from novainfer import backend_api
+from novainfer.backend_api import BackendError, BackendSpec, StepBatch, hookimpl
+from novainfer.reference import ReferenceMetadata, reference_attention, reference_metadata
 
 ENTRY_POINT_GROUP = "novainfer"
-# The core's own backends, imported by module name like pytest's built-in plugins (no import cycle): always
-# present, found without loading any entry point, and a plugin registering one of their names is refused.
+# The core's own backends, registered like pytest's built-in plugins: always present, found without loading
+# any entry point, and a plugin registering one of their names is refused.
 CORE_PLUGINS = ("novainfer.reference",)
 # Backends this project ships as separate distributions: naming one that is not installed says
 # what to install rather than "unknown backend".
@@ -26,64 +27,6 @@ FIRST_PARTY_PLUGINS = {
     "flashattn": "novainfer-plugin-flashattn",
     "flashinfer": "novainfer-plugin-flashinfer",
 }
-
-
-class BackendError(RuntimeError):
-    """The requested backend is unknown, unavailable here, or cannot run this configuration."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend can run.
-
-    devices: device types ("cpu", "cuda").
-    dtypes: torch dtype names ("float32", "bfloat16", ...).
-    block_sizes: the KV block sizes it accepts; None means any.
-    cuda_graphs: whether its decode path may be captured in a CUDA graph.
-    kv_layout: how it reads the core's cache; the core's layout is
-        [2, num_blocks, block_size, num_kv_heads, head_dim] ("NHD"); a backend states the view it takes.
-    """
-
-    devices: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    block_sizes: tuple[int, ...] | None = None
-    cuda_graphs: bool = False
-    kv_layout: str = "NHD"
-
-
-@dataclass(frozen=True)
-class AttentionContext:
-    """What a backend is created with: the model's attention shape and the engine's limits."""
-
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_layers: int
-    block_size: int
-    num_blocks: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    dtype: torch.dtype
-    device: torch.device
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """A backend as a plugin declares it.
-
-    create: builds the object whose hookimpls answer the attention hooks for one engine.
-    unavailable: returns why the backend cannot run on this machine ("needs CUDA",
-        "flashinfer is not installed"), or None when it can. It must not import kernel libraries
-        just to answer; checking that they are installed (importlib.util.find_spec) is enough.
-    """
-
-    name: str
-    create: Callable[[AttentionContext], object]
-    capabilities: Capabilities
-    unavailable: Callable[[], str | None] = lambda: None
-    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,7 +47,7 @@ def discover_backends(extra_plugins: Sequence[object] = (), installed: bool = Tr
 
     def collect(plugin: object, dist_name: str, version: str) -> None:
         pm = pluggy.PluginManager("novainfer")
-        pm.add_hookspecs(hookspecs)
+        pm.add_hookspecs(backend_api)
         pm.register(plugin)
 
         def register(spec: BackendSpec) -> None:
@@ -173,7 +116,19 @@ def select_backend(
 
 
 class CoreDefaults:
-    """The core's fallback implementations, registered to run after the backend's."""
+    """The core's fallback implementations, registered to run after the backend's: a backend that returns None
+    from a hook (or leaves it out) gets the core's indexed KV scatter and its plain-PyTorch attention in the
+    cache's dtype (novainfer.reference)."""
+
+    @hookimpl(trylast=True)
+    def prepare_attention_metadata(self, batch: StepBatch) -> ReferenceMetadata:
+        return reference_metadata(batch)
+
+    @hookimpl(trylast=True)
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: ReferenceMetadata, scale: float
+    ) -> torch.Tensor:
+        return reference_attention(query, kv_cache, metadata, scale, exact=False)
 
     @hookimpl(trylast=True)
     def write_kv(
@@ -193,7 +148,7 @@ def scatter_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, s
 def engine_plugin_manager(backend: object, observers: Sequence[object] = ()) -> pluggy.PluginManager:
     """The engine's plugin manager: the chosen backend, the core defaults and any observers."""
     pm = pluggy.PluginManager("novainfer")
-    pm.add_hookspecs(hookspecs)
+    pm.add_hookspecs(backend_api)
     pm.register(CoreDefaults(), name="core-defaults")
     pm.register(backend, name="backend")
     for observer in observers:

@@ -2,8 +2,10 @@
 
 It lives in the core, not in a plugin, so a check can always run it and no plugin can stand in for it: the
 backend "reference" is found without loading any entry point (novainfer.plugins.CORE_PLUGINS), and a plugin
-that registers the same name is refused. The correctness gate builds its reference and floor engines on it, and
-the check of a timed run's tokens (novainfer.ab.output_check) runs it in a process that loads no plugin at all.
+that registers the same name is refused. Its attention in the cache's dtype is also what every engine falls
+back to where a backend's hook returns None (novainfer.plugins.CoreDefaults). The correctness gate builds its
+reference and floor engines on it, and the check of a timed run's tokens (novainfer.ab.output_check) runs it
+in a process that loads no plugin at all.
 
 Option `precision`:
     "float64" (the default): attention computed exactly, in float64 from the cache, whatever float32 matrix
@@ -26,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, StepBatch, hookimpl
 
 NAME = "reference"
 PRECISIONS = ("float64", "cache")

@@ -74,8 +74,9 @@ def _skip_reason(arm: Any) -> str | None:
 
         peer = PEERS[arm.peer["peer"]]
         return None if find_spec(peer.package) is not None else f"{arm.peer['peer']} is not installed"
+    from novainfer.backend_api import BackendError
     from novainfer.engine import resolve_device, resolve_dtype
-    from novainfer.plugins import BackendError, select_backend
+    from novainfer.plugins import select_backend
 
     config = arm.config
     device = resolve_device(config.device)

@@ -27,11 +27,12 @@ from novainfer.ab.phases import PHASES, measure_phases
 from novainfer.ab.schedule import labelled, plan_schedule
 from novainfer.ab.trial import TrialRequest
 from novainfer.ab.trial_engine import EngineUnavailable
+from novainfer.backend_api import BackendError
 from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
 from novainfer.kv_cache import num_kv_blocks
 from novainfer.models.qwen2 import build_model
-from novainfer.plugins import BackendError, select_backend
+from novainfer.plugins import select_backend
 
 
 def open_engine(request: TrialRequest) -> NovaInferEngine:

@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from novainfer.backend_api import cuda_graph_sizes
 from novainfer.block_manager import BlockManager
-from novainfer.cuda_graphs import decode_buckets
 from novainfer.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -81,7 +81,7 @@ class PlannedStep:
 
 def decode_class(num_seqs: int, max_num_seqs: int) -> str:
     """The class of a decode-only step of `num_seqs` sequences: named after its CUDA-graph bucket."""
-    return f"decode-b{next(b for b in decode_buckets(max_num_seqs) if b >= num_seqs)}"
+    return f"decode-b{next(b for b in cuda_graph_sizes(max_num_seqs) if b >= num_seqs)}"
 
 
 def plan_schedule(

@@ -11,8 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, hookimpl
 
 # Paged K/V caches need cuDNN 9.5 and ragged queries with grouped KV heads 9.6, but packed (ragged)
 # queries over a paged cache only work from 9.10 (cudnn-frontend's paged-prefill sample gates them on

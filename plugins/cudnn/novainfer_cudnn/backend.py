@@ -25,9 +25,7 @@ from typing import Any
 import cudnn
 import torch
 
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError
+from novainfer.backend_api import AttentionContext, BackendError, StepBatch, hookimpl
 from novainfer_cudnn import MIN_BACKEND_VERSION, too_old_reason
 from novainfer_cudnn.buckets import GraphKey, GraphKeys, Limits, StepPlan, prebuilt_keys, resolve_prebuild
 from novainfer_cudnn.layout import Layout

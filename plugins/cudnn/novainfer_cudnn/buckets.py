@@ -22,8 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from novainfer.cuda_graphs import decode_buckets
-from novainfer.plugins import AttentionContext, BackendError
+from novainfer.backend_api import AttentionContext, BackendError, cuda_graph_sizes
 
 OPTIONS = ("prebuild",)
 PREBUILD = ("all", "lazy")
@@ -127,7 +126,7 @@ class GraphKeys:
                 longest_min = max(queries[j - 1] + 1 if j else 0, MIN_PREFILL_QUERY)
                 if MIN_PREFILL_QUERY * fewer_chunks + longest_min <= limits.max_num_batched_tokens:
                     prefill.append(GraphKey("prefill", batch, query))
-        return cls(tuple(decode_buckets(limits.max_num_seqs)), batches, queries, tuple(prefill))
+        return cls(cuda_graph_sizes(limits.max_num_seqs), batches, queries, tuple(prefill))
 
     def all(self) -> tuple[GraphKey, ...]:
         return tuple(GraphKey("decode", b, 1) for b in self.decode_batches) + self.prefill

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from novainfer.batch import StepBatch
+from novainfer.backend_api import StepBatch
 from novainfer_cudnn.buckets import GraphKey, GraphKeys, StepPlan, plan_step
 
 # Runs one graph: (key, query rows, output rows, K container, V container).
@@ -94,9 +94,9 @@ class Layout:
 
     def prepare(self, batch: StepBatch) -> StepPlan:
         """Choose the step's graphs and refill their inputs from the batch's device tensors."""
-        # A CUDA-graph batch is all decodes, its padding rows included: the CUDA graph captured for its
-        # size runs the decode graph of exactly that size over every row.
-        num_decodes = batch.num_seqs if batch.cuda_graph else batch.num_decodes
+        # A CUDA-graph batch is all decodes, its padding rows included (num_decodes counts them): the CUDA
+        # graph captured for its size runs the decode graph of exactly that size over every row.
+        num_decodes = batch.num_decodes
         num_prefills = batch.num_seqs - num_decodes
         # With prefill chunks present the longest query is a chunk's (decodes have one token).
         plan = plan_step(self.keys, num_decodes, num_prefills, batch.max_query_len if num_prefills else 0)

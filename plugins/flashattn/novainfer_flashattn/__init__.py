@@ -14,8 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, hookimpl
 from novainfer_flashattn.checks import choose_generation, parse_options
 
 

@@ -28,9 +28,7 @@ from typing import Any
 
 import torch
 
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError
+from novainfer.backend_api import AttentionContext, BackendError, StepBatch, hookimpl
 from novainfer_flashattn.checks import Options
 from novainfer_flashattn.metadata import MetadataBuilder, Rows, StepArgs, warmup_shapes
 
@@ -191,5 +189,6 @@ def dummy_batch(query_lens: list[int], width: int, block_size: int, device: torc
         input_ids=empty, positions=empty, slot_mapping=empty, query_start_loc=starts.to(device),
         seq_lens=lens.to(device), block_tables=tables.to(device), query_start_loc_cpu=starts, seq_lens_cpu=lens,
         block_tables_cpu=tables, logits_indices=empty, num_decodes=sum(n == 1 for n in query_lens),
+        num_actual_seqs=len(query_lens),
         max_query_len=max(query_lens), max_seq_len=max(query_lens), block_size=block_size, cuda_graph=cuda_graph,
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from novainfer.plugins import BackendError
+from novainfer.backend_api import BackendError
 
 # The first flash-attn-4 with paged KV on Hopper (4.0.0b3 asserts "paged KV not supported on SM 9.0").
 MIN_FA4 = "4.0.0b5"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from novainfer.batch import StepBatch
+from novainfer.backend_api import StepBatch
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,9 @@ class MetadataBuilder:
         self.prefill_cu_seqlens_k = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
 
     def build(self, batch: StepBatch) -> StepArgs:
-        num_seqs = batch.num_seqs
-        num_decodes = num_seqs if batch.cuda_graph else batch.num_decodes
-        if batch.cuda_graph:
-            max_q, max_k = 1, self.max_model_len
-        else:
-            max_q, max_k = batch.max_query_len, batch.max_seq_len
+        num_seqs, num_decodes = batch.num_seqs, batch.num_decodes
+        # A graph batch's maxima are graph-safe (the longest a sequence may be), so no re-planning per replay.
+        max_q, max_k = batch.max_query_len, batch.max_seq_len
         if self.generation == "4":
             every = Rows(batch.query_start_loc, batch.seq_lens, None, batch.block_tables, max_q, max_k)
             return StepArgs(num_decodes, every, None, None)

@@ -12,8 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, hookimpl
 from novainfer_flashinfer.checks import parse_options, unavailable_reason
 
 

@@ -27,9 +27,7 @@ import flashinfer
 import flashinfer.jit
 import torch
 
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError
+from novainfer.backend_api import AttentionContext, BackendError, StepBatch, hookimpl
 from novainfer_flashinfer.checks import Options, use_tensor_cores
 from novainfer_flashinfer.metadata import build_step_indices, staging_size
 
@@ -254,8 +252,8 @@ class FlashInferBackend:
         # The staging buffer is rewritten below: the last step's copies out of it must have run.
         # The engine's per-step sampling sync already ensures it, so this does not wait in practice.
         self.staged.synchronize()
-        # A CUDA-graph batch's rows past the real decodes are padding decodes in the scratch block.
-        num_decodes = batch.num_seqs if batch.cuda_graph else batch.num_decodes
+        # A CUDA-graph batch's rows past the real ones are padding decodes in the scratch block (counted).
+        num_decodes = batch.num_decodes
         step = build_step_indices(
             self.host_np, batch.block_tables_cpu.numpy(), batch.seq_lens_cpu.numpy(),
             batch.query_start_loc_cpu.numpy(), self.context.block_size, num_decodes, self.append,

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from novainfer.plugins import BackendError
+from novainfer.backend_api import BackendError
 
 # The oldest flashinfer-python release this plugin was checked against.
 MIN_VERSION = (0, 6, 13)

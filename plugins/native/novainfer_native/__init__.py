@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, hookimpl
 
 
 def _create(context: AttentionContext) -> object:

@@ -1,8 +1,8 @@
 """The native backend: Triton kernels on CUDA, and the core's plain-PyTorch attention elsewhere.
 
 Option `kernels`: "auto" (Triton on CUDA when triton is installed, else PyTorch), "triton" or
-"torch". The PyTorch path is the core's reference attention in the cache's dtype
-(novainfer.reference, precision "cache"): native adds the Triton kernels, never a second copy of it.
+"torch". The PyTorch path is the core's own attention in the cache's dtype (the contract's
+core_attention): native adds the Triton kernels, never a second copy of it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
-from novainfer.batch import StepBatch
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendError
-from novainfer.reference import ReferenceMetadata, reference_attention, reference_metadata
+from novainfer.backend_api import (
+    AttentionContext,
+    BackendError,
+    StepBatch,
+    core_attention,
+    core_attention_metadata,
+    hookimpl,
+)
 
 KERNELS = ("auto", "triton", "torch")
 OPTIONS = ("kernels",)
@@ -95,16 +99,15 @@ class NativeBackend:
         return {"triton_compiles": self.ops.compiled_kernel_count()}
 
     @hookimpl
-    def prepare_attention_metadata(self, batch: StepBatch) -> ReferenceMetadata | TritonMetadata:
-        if self.kernels == "triton":
-            return self._triton_metadata(batch)
-        return reference_metadata(batch)
+    def prepare_attention_metadata(self, batch: StepBatch) -> Any:
+        return self._triton_metadata(batch) if self.kernels == "triton" else core_attention_metadata(batch)
 
     def _triton_metadata(self, batch: StepBatch) -> TritonMetadata:
         nd = batch.num_decodes
-        # A captured graph must serve any context length, so it plans for the longest possible.
-        longest = self.context.max_model_len if batch.cuda_graph else batch.max_seq_len
-        splits = self.ops.choose_num_splits(nd, self.context.num_kv_heads, self.num_sms, longest, self.max_splits)
+        # A graph batch's max_seq_len is the longest possible: its graph serves any context length.
+        splits = self.ops.choose_num_splits(
+            nd, self.context.num_kv_heads, self.num_sms, batch.max_seq_len, self.max_splits
+        )
         if not batch.num_prefills:
             return TritonMetadata(batch, splits, None, 0)
         # The prefill kernel reads absolute query rows from query_start_loc, so the prefill
@@ -124,7 +127,7 @@ class NativeBackend:
     @hookimpl
     def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
         if not isinstance(metadata, TritonMetadata):
-            return reference_attention(query, kv_cache, metadata, scale, exact=False)
+            return core_attention(query, kv_cache, metadata, scale)
         out = torch.empty_like(query)
         b, nd = metadata.batch, metadata.batch.num_decodes
         if nd:

@@ -28,10 +28,8 @@ from typing import Any
 
 import torch
 
-from novainfer.batch import StepBatch
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.engine import LLM, RequestOutput
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
 from novainfer_native.backend import NativeBackend
 
 WRONG_PAST_KEYS = 48

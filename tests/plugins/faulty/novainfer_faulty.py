@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from novainfer.hookspecs import hookimpl
-from novainfer.plugins import AttentionContext, BackendSpec, Capabilities
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, hookimpl
 from novainfer_native.backend import NativeBackend
 
 
