@@ -11,6 +11,6 @@ for name in ${CALIBERS:-grid kv_layout}; do
     narrow=()
     [ -n "$BACKENDS" ] && narrow=(-e "s/^backend = \[.*\]/backend = [$BACKENDS]/")
     sed "${narrow[@]}" -e "/^\[sweep\]$/a repeats = ${REPEATS:-3}" experiments/$name.toml > experiments/gpu_$name.toml
-    timeout "${LIMIT:-540}" python3 -m novainfer.ab.cli sweep experiments/gpu_$name.toml 2>&1 | tail -30 | tee $OUT/$name.txt
+    timeout "${LIMIT:-540}" python3 -m novainfer.ab.sweep.cli sweep experiments/gpu_$name.toml 2>&1 | tail -30 | tee $OUT/$name.txt
 done
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json \) | tar czf $OUT/ledgers.tgz -T -

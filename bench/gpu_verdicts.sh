@@ -14,11 +14,11 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 if [ -z "$SKIP_ADVERSARY" ]; then
-    timeout 200 python3 -m novainfer.ab.cli sweep bench/graph_adversary.toml > $OUT/adversary.txt 2>&1
+    timeout 200 python3 -m novainfer.ab.sweep.cli sweep bench/graph_adversary.toml > $OUT/adversary.txt 2>&1
 fi
 sed -e "s/^backend = \[.*\]/backend = [${BACKENDS:-\"native\",\"cudnn\",\"flashinfer\"}]/" \
     -e "/^\[sweep\]$/a repeats = ${REPEATS:-1}" experiments/grid.toml > experiments/gpu_grid.toml
-timeout "${LIMIT:-380}" python3 -m novainfer.ab.cli sweep experiments/gpu_grid.toml > $OUT/grid.txt 2>&1
+timeout "${LIMIT:-380}" python3 -m novainfer.ab.sweep.cli sweep experiments/gpu_grid.toml > $OUT/grid.txt 2>&1
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) | tar czf $OUT/ledgers.tgz -T -
 tail -4 $OUT/grid.txt
 python3 bench/verdict_report.py $(ls .nova-ab/*/ledger.jsonl) --classes

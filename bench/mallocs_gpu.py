@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from novainfer import LLM
-from novainfer.ab.experiment import load_experiment
+from novainfer.ab.sweep.experiment import load_experiment
 from novainfer.sequence import SamplingParams
 
 COUNTERS = ("segment.large_pool.allocated", "segment.small_pool.allocated", "reserved_bytes.all.current")

@@ -19,17 +19,18 @@ from pathlib import Path
 import torch
 
 from novainfer import LLM
-from novainfer.ab.experiment import load_experiment
+from novainfer.ab.sweep.experiment import load_experiment
+from novainfer.scheduler import SchedulerOutput
 from novainfer.sequence import SamplingParams
 
 
 def replay_ms(llm: LLM, bucket: int, repeats: int = 50) -> float:
-    graph = llm.runner.graphs.graphs[bucket]
+    graphs = llm.runner.graphs
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
+    graphs.replay(bucket)
     start.record()
     for _ in range(repeats):
-        graph.replay()
+        graphs.replay(bucket)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
@@ -47,7 +48,19 @@ def main() -> None:
     llm.generate(prompts, params)
     torch.cuda.synchronize()
     llm.step_stats.clear()
+    buckets: Counter[int] = Counter()
+    bucket_for = llm.runner.bucket_for
+
+    def tallied(out: SchedulerOutput) -> int | None:
+        """The runner's own choice of graph for each step of the timed run, counted."""
+        bucket = bucket_for(out)
+        if bucket is not None:
+            buckets[bucket] += 1
+        return bucket
+
+    llm.runner.bucket_for = tallied
     llm.generate(prompts, params)
+    llm.runner.bucket_for = bucket_for
     stats = llm.step_stats
     prefill = [s.seconds * 1e3 for s in stats if s.num_prefill_tokens]
     decode = [s.seconds * 1e3 for s in stats if not s.num_prefill_tokens]
@@ -61,8 +74,6 @@ def main() -> None:
             f"decode steps: {len(decode)}, median {statistics.median(decode):.3f} ms, "
             f"p90 {decode[int(0.9 * len(decode))]:.3f} ms, {sum(decode):.1f} ms in all"
         )
-    graphs = llm.runner.graphs
-    buckets = Counter(next(b for b in graphs.buckets if b >= s.num_seqs) for s in stats if not s.num_prefill_tokens)
     for bucket, count in buckets.most_common(3):
         print(f"graph replay of bucket {bucket} ({count} steps): {replay_ms(llm, bucket):.3f} ms device time")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from novainfer.ab.ledger import Ledger
-from novainfer.ab.record import TrialRecord, gate_coverage
+from novainfer.ab.sweep.ledger import Ledger
+from novainfer.ab.wire import TrialRecord, gate_coverage
 
 
 def trial_row(r: TrialRecord) -> str:

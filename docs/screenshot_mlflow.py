@@ -57,7 +57,7 @@ def main() -> None:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
     with tempfile.TemporaryDirectory(prefix="nova-ab-shot-") as tmp:
         sweep = subprocess.run(
-            [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(SMOKE)], cwd=tmp, env=env,
+            [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(SMOKE)], cwd=tmp, env=env,
             capture_output=True, text=True, check=True,
         )
         link = re.search(r"http://\S+#(/experiments/\S+)", sweep.stdout)

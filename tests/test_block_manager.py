@@ -47,3 +47,18 @@ def test_free_returns_every_block() -> None:
 def test_too_small_cache_is_rejected() -> None:
     with pytest.raises(ValueError, match="at least 2 blocks"):
         BlockManager(num_blocks=1, block_size=16)
+
+
+def test_particular_blocks_are_taken_out_of_order_and_the_rest_keep_theirs() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    s = seq(9)
+    bm.allocate_blocks(s, [6, 2, 4])
+    assert s.block_table == [6, 2, 4] and bm.num_free_blocks == 4
+    t = seq(16)
+    bm.allocate(t, 16)
+    assert t.block_table == [1, 3, 5, 7]
+    bm.free(s)
+    for taken in ([SCRATCH_BLOCK], [1], [2, 2]):  # the scratch block, a block in use, one block twice
+        with pytest.raises(ValueError, match="are not distinct free blocks"):
+            bm.allocate_blocks(seq(4), taken)
+    assert bm.num_free_blocks == 3

@@ -11,14 +11,16 @@ from pathlib import Path
 
 from test_sweep import SMOKE, client, ledger_records, nova_ab, runs, wait_for_first_trial, write_experiment
 
-from novainfer.ab.executor import _signal_name
+from novainfer.ab.sweep.executor import _signal_name
 
 
 def test_bare_nova_ab_prints_help_and_version_says_the_version() -> None:
-    bare = subprocess.run([sys.executable, "-m", "novainfer.ab.cli"], capture_output=True, text=True)
+    bare = subprocess.run([sys.executable, "-m", "novainfer.ab.sweep.cli"], capture_output=True, text=True)
     assert bare.returncode == 0 and "usage: nova-ab" in bare.stdout and "sweep" in bare.stdout
     assert bare.stderr == ""
-    version = subprocess.run([sys.executable, "-m", "novainfer.ab.cli", "--version"], capture_output=True, text=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", "--version"], capture_output=True, text=True
+    )
     from importlib.metadata import version as installed
 
     assert version.returncode == 0 and version.stdout.strip() == f"nova-ab (novainfer) {installed('novainfer')}"
@@ -84,7 +86,7 @@ def test_compare_formats_and_writes_a_png_only_when_asked(tmp_path: Path) -> Non
 def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "interrupt.toml", ["native"], 4, 120)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp)], cwd=tmp_path, text=True,
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(exp)], cwd=tmp_path, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
         # As at a terminal: a shell that runs the tests in the background hands its children SIGINT ignored,
         # and Python then installs no KeyboardInterrupt.
@@ -120,7 +122,7 @@ def test_two_sweeps_started_together_on_a_fresh_store(tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(f)], cwd=tmp_path, env=env, text=True,
+            [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(f)], cwd=tmp_path, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         for f in files

@@ -11,23 +11,19 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
-from novainfer.ab.compare import (
+from novainfer.ab.sweep.report import (
     VERIFIED_LEGEND,
-    ArmSummary,
     figure,
-    gpu_blocks,
-    holm_adjust,
     legend_categories,
     markdown,
     plot,
     render_table,
-    summarize,
     summary_metrics,
     summary_row,
     verdict,
-    welch_p_value,
 )
-from novainfer.ab.record import TrialRecord
+from novainfer.ab.sweep.statistics import ArmSummary, gpu_blocks, holm_adjust, summarize, welch_p_value
+from novainfer.ab.wire import TrialRecord
 
 BASE = "backend=native"
 

@@ -33,8 +33,7 @@ from novainfer.backend_api import (
     cuda_graph_sizes,
     hookimpl,
 )
-from novainfer.cuda_graphs import DecodeGraphs
-from novainfer.plugins import resolve_hook
+from novainfer.backend_options import parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "cudnn"
@@ -47,6 +46,7 @@ from novainfer_cudnn.buckets import (  # noqa: E402
     GraphKey,
     GraphKeys,
     Limits,
+    Options,
     StepPlan,
     plan_step,
     prebuilt_keys,
@@ -162,13 +162,19 @@ def test_steps_beyond_the_limits_are_refused_with_a_reason() -> None:
 
 
 def test_prebuild_option() -> None:
+    """The plugin declares the option's type; the core parses an arm's table into it, as the registry does
+    before the backend is created."""
+
+    def prebuild(raw: dict[str, object]) -> str:
+        return resolve_prebuild(parse_options("cudnn", Options, raw))
+
     keys = GraphKeys.for_limits(Limits(8, 64, 128, 16))
-    assert resolve_prebuild({}) == "all" and resolve_prebuild({"prebuild": "lazy"}) == "lazy"
+    assert prebuild({}) == "all" and prebuild({"prebuild": "lazy"}) == "lazy"
     assert prebuilt_keys(keys, "lazy") == () and prebuilt_keys(keys, "all") == keys.all()
-    with pytest.raises(BackendError, match=r"prebuild must be one of all, lazy, got 'sometimes'"):
-        resolve_prebuild({"prebuild": "sometimes"})
-    with pytest.raises(BackendError, match=r"unknown backend option\(s\) kernels; known: prebuild"):
-        resolve_prebuild({"kernels": "torch"})
+    with pytest.raises(BackendError, match=r"^cudnn: prebuild must be one of all, lazy, got 'sometimes'$"):
+        prebuild({"prebuild": "sometimes"})
+    with pytest.raises(BackendError, match=r"^cudnn: unknown backend option\(s\) kernels; known: prebuild$"):
+        prebuild({"kernels": "torch"})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,13 +318,16 @@ class EmulatedCudnn:
         return plan
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: StepPlan, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: StepPlan, scale: float, output: torch.Tensor
+    ) -> bool:
         def run(key: GraphKey, q: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             assert k.data_ptr() == kv_cache[0].data_ptr() and v.data_ptr() == kv_cache[1].data_ptr(), "no copies"
             self.runs[key.kind] += 1
             emulate_sdpa(key, self.layout.inputs(key), q, o, k, v, scale)
 
-        return self.layout.attend(query, kv_cache, metadata, run)
+        self.layout.attend(query, kv_cache, metadata, run, output)
+        return True
 
 
 class EmulatedPlugin:
@@ -344,11 +353,8 @@ def test_the_step_split_into_graph_calls_gives_the_native_logits(graphs: bool) -
     continuations = [[rng.randrange(10000) for _ in range(10)] for _ in prompts]
     plugin = EmulatedPlugin()
     native = LLM("random:qwen2-tiny", backend_options={"kernels": "torch"}, **SETTINGS)
-    emulated = LLM("random:qwen2-tiny", backend="cudnn-emulated", plugins=[plugin], **SETTINGS)
-    if graphs:  # the padded CUDA-graph decode path, run eagerly
-        hooks = (resolve_hook(emulated.pm, "write_kv", observed=False),
-                 resolve_hook(emulated.pm, "attention", observed=False))
-        emulated.runner.graphs = DecodeGraphs(emulated.runner, hooks, capture=False)
+    # With graphs, the padded CUDA-graph decode path, run eagerly.
+    emulated = LLM("random:qwen2-tiny", backend="cudnn-emulated", plugins=[plugin], pad_decodes=graphs, **SETTINGS)
     want = native.teacher_forced_logits(prompts, continuations)
     got = emulated.teacher_forced_logits(prompts, continuations)
     for g, w in zip(got, want):
@@ -400,7 +406,7 @@ def cudnn_site(pip_install: Callable[[Path], Path]) -> Path:
 
 def test_backends_lists_cudnn_with_its_reason(tmp_path: Path, cudnn_site: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(cudnn_site), "COLUMNS": "250", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    result = subprocess.run([sys.executable, "-m", "novainfer.ab.cli", "backends"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, "-m", "novainfer.ab.sweep.cli", "backends"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if "novainfer-plugin-cudnn" in line]

@@ -9,8 +9,6 @@ import torch
 
 from novainfer import LLM
 from novainfer.backend_api import cuda_graph_sizes
-from novainfer.cuda_graphs import DecodeGraphs
-from novainfer.plugins import resolve_hook
 
 SETTINGS = dict(device="cpu", max_model_len=96, max_num_seqs=24, max_num_batched_tokens=256, block_size=4)
 
@@ -29,9 +27,8 @@ def test_padded_decode_steps_give_the_same_logits_as_unpadded() -> None:
     prompts = [[rng.randrange(10000) for _ in range(rng.randint(4, 30))] for _ in range(11)]
     continuations = [[rng.randrange(10000) for _ in range(12)] for _ in prompts]
     plain = LLM("random:qwen2-tiny", **SETTINGS)
-    padded = LLM("random:qwen2-tiny", **SETTINGS)
-    hooks = (resolve_hook(padded.pm, "write_kv", observed=False), resolve_hook(padded.pm, "attention", observed=False))
-    padded.runner.graphs = DecodeGraphs(padded.runner, hooks, capture=False)
+    padded = LLM("random:qwen2-tiny", pad_decodes=True, **SETTINGS)
+    assert (plain.graph_mode, padded.graph_mode) == ("eager", "padded (eager)")
     used: set[int] = set()
     original = padded.runner.prepare
 
@@ -55,9 +52,7 @@ def test_native_triton_kernels_match_the_torch_reference_through_the_engine() ->
     continuations = [[rng.randrange(10000) for _ in range(6)] for _ in prompts]
     settings = {**SETTINGS, "max_num_batched_tokens": 32}
     reference = LLM("random:qwen2-tiny", backend_options={"kernels": "torch"}, **settings)
-    triton = LLM("random:qwen2-tiny", backend_options={"kernels": "triton"}, **settings)
-    hooks = (resolve_hook(triton.pm, "write_kv", observed=False), resolve_hook(triton.pm, "attention", observed=False))
-    triton.runner.graphs = DecodeGraphs(triton.runner, hooks, capture=False)
+    triton = LLM("random:qwen2-tiny", backend_options={"kernels": "triton"}, pad_decodes=True, **settings)
     want = reference.teacher_forced_logits(prompts, continuations)
     got = triton.teacher_forced_logits(prompts, continuations)
     assert any(s.num_prefill_tokens and s.num_decode_tokens for s in triton.step_stats), "expected mixed steps"

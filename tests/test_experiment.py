@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.ab.experiment import ExperimentError, check_runnable, load_experiment, plan_trials
+from novainfer.ab.sweep.arm_checks import check_runnable
+from novainfer.ab.sweep.experiment import ExperimentError, load_experiment, plan_trials
 from novainfer.ab.workload import Workload, teacher_forcing_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ class CliRun(NamedTuple):
 def run_cli(path: Path, timeout: float = 120) -> CliRun:
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(path), "--dry-run"],
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(path), "--dry-run"],
         capture_output=True, text=True, timeout=timeout,
     )
     return CliRun(path, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
@@ -333,16 +333,15 @@ def test_sweep_id_is_stable_and_tracks_content(tmp_path: Path) -> None:
         assert load_experiment(write(tmp_path, changed, "changed.toml")).sweep_id != base_id, changed
 
 
-def test_check_runnable_needs_cuda_for_cuda_arms(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_runnable_needs_cuda_for_cuda_arms() -> None:
+    """Whether this machine has CUDA is the arm check's answer (check_arms), so the rule is a function of it."""
     grid = load_experiment(EXPERIMENTS / "grid.toml")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ExperimentError) as info:
-        check_runnable(grid)
+        check_runnable(grid, cuda=False)
     assert info.value.field == "engine.device"
     assert "need a CUDA GPU" in info.value.problem and "experiments/smoke.toml" in info.value.problem
-    check_runnable(load_experiment(EXPERIMENTS / "smoke.toml"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    check_runnable(grid)
+    check_runnable(load_experiment(EXPERIMENTS / "smoke.toml"), cuda=False)
+    check_runnable(grid, cuda=True)
 
 
 def test_kv_layout_is_the_bench_kv_layout_caliber() -> None:

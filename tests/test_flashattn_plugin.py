@@ -18,7 +18,8 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,10 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.backend_api import BackendError, BackendSpec, Capabilities, StepBatch, hookimpl
-from novainfer.cuda_graphs import DecodeGraphs
-from novainfer.plugins import resolve_hook
-from novainfer.scheduler import ScheduledSeq, SchedulerOutput
-from novainfer.sequence import Sequence
+from novainfer.backend_api import BackendError, BackendSpec, Capabilities, Settings, StepBatch, hookimpl
+from novainfer.backend_options import parse_options
+from novainfer.testing import StepSeq, prepared
+from novainfer.testing import batch as served_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "flashattn"
@@ -42,35 +42,32 @@ from novainfer_flashattn.backend import FlashAttnBackend, Kernels  # noqa: E402
 from novainfer_flashattn.checks import (  # noqa: E402
     Options,
     block_size_reason,
+    check,
     choose_generation,
     generation_reason,
-    parse_options,
 )
 from novainfer_flashattn.metadata import MetadataBuilder, Rows, StepArgs, warmup_shapes  # noqa: E402
 
 MAX_MODEL_LEN = 256
 
 
-def runner_batch(llm: LLM, seqs: list[tuple[int, int, list[int]]], num_decodes: int, pad_to: int | None = None
-                 ) -> StepBatch:
-    """A StepBatch as the engine builds it, from (cached tokens, new tokens, block table) per sequence."""
-    entries = []
-    for cached, new, table in seqs:
-        seq = Sequence([1] * (cached + new), SamplingParams())
-        seq.num_computed_tokens = cached
-        seq.block_table = table
-        entries.append(ScheduledSeq(seq, new))
-    return llm.runner.prepare(SchedulerOutput(entries, num_decodes), pad_to=pad_to)
+@contextmanager
+def engine_batch(llm: LLM, seqs: list[tuple[int, int, list[int]]], num_decodes: int) -> Iterator[StepBatch]:
+    """The StepBatch the engine builds for a step of (cached tokens, new tokens, block table) per sequence, as
+    served (novainfer.testing): a decode-only step is padded to its CUDA-graph size."""
+    with prepared(llm, [StepSeq(c, n, blocks=tuple(table)) for c, n, table in seqs], num_decodes) as step:
+        yield served_batch(llm, step)
 
 
 @pytest.fixture(scope="module")
 def tiny_llm() -> LLM:
+    """Decode-only steps padded as CUDA-graph replays would be, run eagerly."""
     return LLM("random:qwen2-tiny", device="cpu", block_size=16, max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
-               max_num_batched_tokens=64)
+               max_num_batched_tokens=64, pad_decodes=True, warm_up=False)
 
 
-def build(batch: StepBatch, generation: str, max_model_len: int = MAX_MODEL_LEN) -> StepArgs:
-    builder = MetadataBuilder(generation, batch.block_tables.shape[0] + 4, max_model_len, torch.device("cpu"))
+def build(batch: StepBatch, generation: str) -> StepArgs:
+    builder = MetadataBuilder(generation, batch.block_tables.shape[0] + 4, torch.device("cpu"))
     return builder.build(batch)
 
 
@@ -159,61 +156,70 @@ def check_step(batch: StepBatch, args: StepArgs, generation: str, num_real: int,
 
 def test_a_worked_example(tiny_llm: LLM) -> None:
     # Two decodes (17 and 1 tokens) and a 5-token chunk after 28 cached tokens, block size 16.
-    batch = runner_batch(tiny_llm, [(16, 1, [5, 7]), (0, 1, [2]), (28, 5, [9, 3, 4])], num_decodes=2)
-    fa4 = build(batch, "4")
-    assert flat(fa4.every.cu_seqlens_q) == [0, 1, 2, 7]
-    assert flat(fa4.every.seqused_k) == [17, 1, 33]
-    assert [flat(fa4.every.page_table[b, :3]) for b in range(3)] == [[5, 7, 0], [2, 0, 0], [9, 3, 4]]
-    assert (fa4.every.max_seqlen_q, fa4.every.max_seqlen_k) == (5, 33)
-    check_step(batch, fa4, "4", num_real=3)
-    fa2 = build(batch, "2")
-    assert fa2.num_decodes == 2
-    assert flat(fa2.decodes.seqused_k) == [17, 1] and (fa2.decodes.max_seqlen_q, fa2.decodes.max_seqlen_k) == (1, 17)
-    assert flat(fa2.prefills.cu_seqlens_q) == [0, 5] and flat(fa2.prefills.cu_seqlens_k) == [0, 33]
-    assert flat(fa2.prefills.page_table[0, :3]) == [9, 3, 4]
-    assert (fa2.prefills.max_seqlen_q, fa2.prefills.max_seqlen_k) == (5, 33)
-    check_step(batch, fa2, "2", num_real=3)
+    with engine_batch(tiny_llm, [(16, 1, [5, 7]), (0, 1, [2]), (28, 5, [9, 3, 4])], num_decodes=2) as batch:
+        fa4 = build(batch, "4")
+        assert flat(fa4.every.cu_seqlens_q) == [0, 1, 2, 7]
+        assert flat(fa4.every.seqused_k) == [17, 1, 33]
+        assert [flat(fa4.every.page_table[b, :3]) for b in range(3)] == [[5, 7, 0], [2, 0, 0], [9, 3, 4]]
+        assert (fa4.every.max_seqlen_q, fa4.every.max_seqlen_k) == (5, 33)
+        check_step(batch, fa4, "4", num_real=3)
+        fa2 = build(batch, "2")
+        assert fa2.num_decodes == 2
+        assert flat(fa2.decodes.seqused_k) == [17, 1]
+        assert (fa2.decodes.max_seqlen_q, fa2.decodes.max_seqlen_k) == (1, 17)
+        assert flat(fa2.prefills.cu_seqlens_q) == [0, 5] and flat(fa2.prefills.cu_seqlens_k) == [0, 33]
+        assert flat(fa2.prefills.page_table[0, :3]) == [9, 3, 4]
+        assert (fa2.prefills.max_seqlen_q, fa2.prefills.max_seqlen_k) == (5, 33)
+        check_step(batch, fa2, "2", num_real=3)
 
 
 def test_several_prefill_chunks_are_counted_from_zero(tiny_llm: LLM) -> None:
-    batch = runner_batch(tiny_llm, [(31, 1, [4, 6]), (0, 7, [8]), (40, 8, [1, 2, 10, 11]), (3, 1, [12])], 1)
-    fa2 = build(batch, "2")
-    assert flat(fa2.prefills.cu_seqlens_q) == [0, 7, 15, 16]
-    assert flat(fa2.prefills.cu_seqlens_k) == [0, 7, 55, 59]
-    check_step(batch, fa2, "2", num_real=4)
-    check_step(batch, build(batch, "4"), "4", num_real=4)
+    with engine_batch(tiny_llm, [(31, 1, [4, 6]), (0, 7, [8]), (40, 8, [1, 2, 10]), (3, 1, [12])], 1) as batch:
+        fa2 = build(batch, "2")
+        assert flat(fa2.prefills.cu_seqlens_q) == [0, 7, 15, 16]
+        assert flat(fa2.prefills.cu_seqlens_k) == [0, 7, 55, 59]
+        check_step(batch, fa2, "2", num_real=4)
+        check_step(batch, build(batch, "4"), "4", num_real=4)
 
 
 @pytest.mark.parametrize("generation", ["4", "2"])
 def test_a_padded_graph_batch_is_all_decodes_with_bounds_for_every_replay(tiny_llm: LLM, generation: str) -> None:
-    batch = runner_batch(tiny_llm, [(20, 1, [5, 6]), (3, 1, [7])], num_decodes=2, pad_to=4)
-    assert batch.cuda_graph and batch.num_seqs == 4
-    args = build(batch, generation)
-    rows = args.every if generation == "4" else args.decodes
-    assert args.num_decodes == 4 and flat(rows.seqused_k) == [21, 4, 1, 1]
-    assert (rows.max_seqlen_q, rows.max_seqlen_k) == (1, MAX_MODEL_LEN)
-    check_step(batch, args, generation, num_real=2)
+    # Five decodes: the engine pads them to its graph size 8.
+    seqs = [(20, 1, [5, 6]), (3, 1, [7]), (9, 1, [8]), (16, 1, [9, 10]), (31, 1, [11, 12])]
+    with engine_batch(tiny_llm, seqs, num_decodes=5) as batch:
+        assert batch.cuda_graph and batch.num_seqs == 8 and batch.num_actual_seqs == 5
+        args = build(batch, generation)
+        rows = args.every if generation == "4" else args.decodes
+        assert args.num_decodes == 8 and flat(rows.seqused_k) == [21, 4, 10, 17, 32, 1, 1, 1]
+        assert (rows.max_seqlen_q, rows.max_seqlen_k) == (1, MAX_MODEL_LEN)
+        check_step(batch, args, generation, num_real=5)
 
 
 @pytest.mark.parametrize("generation", ["4", "2"])
 def test_a_graph_buckets_arguments_keep_their_storage(tiny_llm: LLM, generation: str) -> None:
     """A captured graph reads its arguments at fixed addresses: two batches of one bucket must share them."""
-    builder = MetadataBuilder(generation, 8, MAX_MODEL_LEN, torch.device("cpu"))
+    builder = MetadataBuilder(generation, 8, torch.device("cpu"))
 
     def pointers(args: StepArgs) -> list[tuple[int, tuple[int, ...]]]:
         rows = args.every or args.decodes
         return [(t.data_ptr(), tuple(t.shape)) for t in (rows.cu_seqlens_q, rows.seqused_k, rows.page_table)]
 
-    short = pointers(builder.build(runner_batch(tiny_llm, [(0, 1, [5])], 1, pad_to=4)))
-    long = pointers(builder.build(runner_batch(tiny_llm, [(100, 1, [5, 6, 7, 8, 9, 10, 11]), (40, 1, [1, 2, 3])],
-                                               2, pad_to=4)))
+    # Three short decodes and four long ones: both padded to the engine's graph size 4.
+    with engine_batch(tiny_llm, [(0, 1, [5]), (2, 1, [6]), (4, 1, [7])], 3) as batch:
+        short = pointers(builder.build(batch))
+    long_seqs = [(100, 1, [5, 6, 7, 8, 9, 10, 11]), (40, 1, [1, 2, 3]), (50, 1, [12, 13, 14, 15]), (20, 1, [16, 17])]
+    with engine_batch(tiny_llm, long_seqs, 4) as batch:
+        assert batch.num_seqs == 4
+        long = pointers(builder.build(batch))
     assert short == long
 
 
 def test_flash_attn_2_prefill_offsets_live_in_the_builders_buffers(tiny_llm: LLM) -> None:
-    builder = MetadataBuilder("2", 8, MAX_MODEL_LEN, torch.device("cpu"))
-    first = builder.build(runner_batch(tiny_llm, [(0, 9, [1]), (4, 3, [2])], 0)).prefills
-    second = builder.build(runner_batch(tiny_llm, [(7, 1, [3]), (0, 20, [4, 5])], 1)).prefills
+    builder = MetadataBuilder("2", 8, torch.device("cpu"))
+    with engine_batch(tiny_llm, [(0, 9, [1]), (4, 3, [2])], 0) as batch:
+        first = builder.build(batch).prefills
+    with engine_batch(tiny_llm, [(7, 1, [3]), (0, 20, [4, 5])], 1) as batch:
+        second = builder.build(batch).prefills
     assert first.cu_seqlens_q.data_ptr() == second.cu_seqlens_q.data_ptr() == builder.prefill_cu_seqlens_q.data_ptr()
     assert first.cu_seqlens_k.data_ptr() == second.cu_seqlens_k.data_ptr() == builder.prefill_cu_seqlens_k.data_ptr()
     assert flat(second.cu_seqlens_q) == [0, 20] and flat(second.cu_seqlens_k) == [0, 20]
@@ -223,24 +229,24 @@ def test_flash_attn_2_prefill_offsets_live_in_the_builders_buffers(tiny_llm: LLM
 def test_every_step_of_a_run_matches_the_engines_slots(block_size: int) -> None:
     """A real run: chunked prefills, mixed steps, and decode steps padded to graph buckets (run eagerly)."""
     rng = random.Random(block_size)
-    llm = LLM("random:qwen2-tiny", device="cpu", block_size=block_size, max_model_len=96, max_num_seqs=12,
-              max_num_batched_tokens=24)
-    hooks = (resolve_hook(llm.pm, "write_kv", observed=False), resolve_hook(llm.pm, "attention", observed=False))
-    llm.runner.graphs = DecodeGraphs(llm.runner, hooks, capture=False)
-    builders = {g: MetadataBuilder(g, 12, 96, torch.device("cpu")) for g in ("4", "2")}
+    builders = {g: MetadataBuilder(g, 12, torch.device("cpu")) for g in ("4", "2")}
     seen = {"mixed": 0, "padded": 0, "prefill-only": 0}
-    prepare = llm.runner.prepare
 
-    def checked(out: SchedulerOutput, pad_to: int | None = None) -> StepBatch:
-        batch = prepare(out, pad_to)
-        for generation, builder in builders.items():
-            check_step(batch, builder.build(batch), generation, num_real=len(out.entries), max_model_len=96)
-        seen["mixed"] += bool(batch.num_decodes and batch.num_prefills and not batch.cuda_graph)
-        seen["padded"] += pad_to is not None and pad_to > len(out.entries)
-        seen["prefill-only"] += batch.num_decodes == 0
-        return batch
+    class Checked:
+        """Sees every batch the engine hands the backend's hooks (a hook wrapper, as novainfer.observers)."""
 
-    llm.runner.prepare = checked
+        @hookimpl(wrapper=True)
+        def prepare_attention_metadata(self, batch: StepBatch) -> Generator[None, Any, Any]:
+            for generation, builder in builders.items():
+                check_step(batch, builder.build(batch), generation, num_real=batch.num_actual_seqs, max_model_len=96)
+            seen["mixed"] += bool(batch.num_decodes and batch.num_prefills and not batch.cuda_graph)
+            seen["padded"] += batch.cuda_graph and batch.num_actual_seqs < batch.num_seqs
+            seen["prefill-only"] += batch.num_decodes == 0
+            return (yield)
+
+    # No warm-up: its dummy step would be counted among the run's.
+    llm = LLM("random:qwen2-tiny", device="cpu", block_size=block_size, max_model_len=96, max_num_seqs=12,
+              max_num_batched_tokens=24, pad_decodes=True, warm_up=False, observers=[Checked()])
     prompts = [[rng.randrange(10000) for _ in range(rng.randint(1, 40))] for _ in range(10)]
     llm.generate(prompts, [SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts])
     assert all(seen.values()), seen
@@ -369,11 +375,9 @@ def test_the_backend_gives_the_native_logits(generation: str, block_size: int, p
     continuations = [[rng.randrange(10000) for _ in range(6)] for _ in prompts]
     plugin = EmulatedPlugin(generation)
     native = LLM("random:qwen2-tiny", backend_options={"kernels": "torch"}, **settings)
-    emulated = LLM("random:qwen2-tiny", backend=f"flashattn-emulated-{generation}", plugins=[plugin], **settings)
-    if graphs:  # the padded CUDA-graph decode path, run eagerly
-        hooks = (resolve_hook(emulated.pm, "write_kv", observed=False),
-                 resolve_hook(emulated.pm, "attention", observed=False))
-        emulated.runner.graphs = DecodeGraphs(emulated.runner, hooks, capture=False)
+    # With graphs, the padded CUDA-graph decode path, run eagerly.
+    emulated = LLM("random:qwen2-tiny", backend=f"flashattn-emulated-{generation}", plugins=[plugin],
+                   pad_decodes=graphs, **settings)
     before = emulated.backend_counters()
     calls_before = len(plugin.emulated.calls)
     want = native.teacher_forced_logits(prompts, continuations)
@@ -416,15 +420,21 @@ def test_warm_up_lands_on_both_sides_of_every_threshold() -> None:
 
 
 def test_options_are_checked_with_the_valid_values() -> None:
-    assert parse_options({}) == Options("auto")
-    assert parse_options({"generation": "4"}) == Options("4") == parse_options({"generation": 4})
-    assert parse_options({"generation": 2}) == Options("2")
+    """The plugin declares its options' type; the core parses an arm's table into it (as the registry does before
+    the backend is created). A number for the generation is the plugin's own rule: it means the same string."""
+
+    def parse(raw: dict[str, Any]) -> Any:
+        return parse_options("flashattn", Options, raw)
+
+    assert parse({}) == Options("auto")
+    assert parse({"generation": "4"}) == Options("4") == parse({"generation": 4})
+    assert parse({"generation": 2}) == Options("2")
     with pytest.raises(BackendError, match=r"^flashattn: unknown backend option\(s\) kernels; known: generation$"):
-        parse_options({"kernels": "triton"})
+        parse({"kernels": "triton"})
     with pytest.raises(BackendError, match=r"^flashattn: generation must be one of auto, 4, 2, got '3'$"):
-        parse_options({"generation": "3"})
+        parse({"generation": "3"})
     with pytest.raises(BackendError, match=r"^flashattn: generation must be one of auto, 4, 2, got True$"):
-        parse_options({"generation": True})
+        parse({"generation": True})
 
 
 FA4_MISSING = "flash-attn-4 is not installed (pip install 'novainfer-plugin-flashattn[fa4]')"
@@ -447,6 +457,12 @@ def test_the_block_size_rule_of_flash_attn_2() -> None:
     assert generation_reason("2", "2.8.3", (9, 0), 512) is None
     assert generation_reason("2", "2.8.3", (9, 0), None) is None
     assert generation_reason("4", "4.0.0b36", (9, 0), 1) is None
+    # As the backend's settings check (BackendSpec.check): a file error wherever the sweep runs, before any trial;
+    # "auto" is left to the machine (flash-attn-4 takes any block size).
+    assert check(Settings("cuda", "bfloat16", 16, True, Options("2"))) == BLOCK_16
+    assert check(Settings("cuda", "bfloat16", 512, True, Options("2"))) is None
+    assert check(Settings("cuda", "bfloat16", 16, True, Options("auto"))) is None
+    assert check(Settings("cuda", "bfloat16", 16, True, Options("4"))) is None
 
 
 def test_availability_reasons() -> None:
@@ -545,7 +561,7 @@ def test_pip_installed_plugin_is_found_and_says_why_it_cannot_run(plugin_site: P
     assert found["bad option"] == "flashattn: generation must be one of auto, 4, 2, got '3'"
     assert found["no package"] == f"flashattn: {NEITHER}"
     assert found["imported"] == []
-    listing = run_with_plugin(plugin_site, tmp_path, "-m", "novainfer.ab.cli", "backends")
+    listing = run_with_plugin(plugin_site, tmp_path, "-m", "novainfer.ab.sweep.cli", "backends")
     assert listing.returncode == 0, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if "novainfer-plugin-flashattn" in line)
     assert row.split()[1] == "flashattn" and "neither flash-attn-4 nor flash-attn is installed" in row

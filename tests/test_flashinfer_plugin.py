@@ -14,7 +14,8 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,11 +24,10 @@ import numpy as np
 import pytest
 
 from novainfer import LLM, SamplingParams
-from novainfer.backend_api import BackendError, StepBatch
-from novainfer.cuda_graphs import DecodeGraphs
-from novainfer.plugins import resolve_hook
-from novainfer.scheduler import ScheduledSeq, SchedulerOutput
-from novainfer.sequence import Sequence
+from novainfer.backend_api import BackendError, StepBatch, hookimpl
+from novainfer.backend_options import parse_options
+from novainfer.testing import StepSeq, prepared
+from novainfer.testing import batch as served_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "flashinfer"
@@ -98,66 +98,71 @@ def check_step(batch: StepBatch, num_real: int) -> None:
     assert step.prefill_qo_indptr.start >= step.upload_end
 
 
-def runner_batch(llm: LLM, seqs: list[tuple[int, int, list[int]]], num_decodes: int, pad_to: int | None = None
-                 ) -> StepBatch:
-    """A StepBatch as the engine builds it, from (cached tokens, new tokens, block table) per sequence."""
-    entries = []
-    for cached, new, table in seqs:
-        seq = Sequence([1] * (cached + new), SamplingParams())
-        seq.num_computed_tokens = cached
-        seq.block_table = table
-        entries.append(ScheduledSeq(seq, new))
-    return llm.runner.prepare(SchedulerOutput(entries, num_decodes), pad_to=pad_to)
+@contextmanager
+def engine_batch(llm: LLM, seqs: list[tuple[int, int, list[int]]], num_decodes: int) -> Iterator[StepBatch]:
+    """The StepBatch the engine builds for a step of (cached tokens, new tokens, block table) per sequence, as
+    served (novainfer.testing): a decode-only step is padded to its CUDA-graph size."""
+    with prepared(llm, [StepSeq(c, n, blocks=tuple(table)) for c, n, table in seqs], num_decodes) as step:
+        yield served_batch(llm, step)
 
 
 @pytest.fixture(scope="module")
 def tiny_llm() -> LLM:
+    """Decode-only steps padded as CUDA-graph replays would be, run eagerly."""
     return LLM("random:qwen2-tiny", device="cpu", block_size=16, max_model_len=256, max_num_seqs=8,
-               max_num_batched_tokens=64)
+               max_num_batched_tokens=64, pad_decodes=True, warm_up=False)
 
 
 def test_a_worked_example(tiny_llm: LLM) -> None:
     # Two decodes (17 and 1 tokens) and a 5-token chunk after 28 cached tokens, block size 16.
-    batch = runner_batch(tiny_llm, [(16, 1, [5, 7]), (0, 1, [2]), (28, 5, [9, 3, 4])], num_decodes=2)
-    buf, step = build(batch, num_decodes=2)
-    assert buf[step.indptr].tolist() == [0, 2, 3, 6]
-    assert buf[step.indices].tolist() == [5, 7, 2, 9, 3, 4]
-    assert buf[step.last_page_len].tolist() == [1, 1, 1]
-    assert buf[step.batch_indices].tolist() == [0, 1, 2, 2, 2, 2, 2]
-    assert buf[step.positions].tolist() == [16, 0, 28, 29, 30, 31, 32]
-    assert buf[step.prefill_qo_indptr].tolist() == [0, 5]
-    assert buf[step.prefill_kv_indptr].tolist() == [0, 3]
-    assert step.num_decode_pages == 3
-    check_step(batch, num_real=3)
-    # Without token coordinates (kv_write="native") the indices follow the page lengths directly.
-    buf, step = build(batch, num_decodes=2, token_coords=False)
-    assert step.batch_indices.start == step.batch_indices.stop == step.positions.stop == step.indices.start
-    assert buf[step.indices].tolist() == [5, 7, 2, 9, 3, 4]
+    with engine_batch(tiny_llm, [(16, 1, [5, 7]), (0, 1, [2]), (28, 5, [9, 3, 4])], num_decodes=2) as batch:
+        buf, step = build(batch, num_decodes=2)
+        assert buf[step.indptr].tolist() == [0, 2, 3, 6]
+        assert buf[step.indices].tolist() == [5, 7, 2, 9, 3, 4]
+        assert buf[step.last_page_len].tolist() == [1, 1, 1]
+        assert buf[step.batch_indices].tolist() == [0, 1, 2, 2, 2, 2, 2]
+        assert buf[step.positions].tolist() == [16, 0, 28, 29, 30, 31, 32]
+        assert buf[step.prefill_qo_indptr].tolist() == [0, 5]
+        assert buf[step.prefill_kv_indptr].tolist() == [0, 3]
+        assert step.num_decode_pages == 3
+        check_step(batch, num_real=3)
+        # Without token coordinates (kv_write="native") the indices follow the page lengths directly.
+        buf, step = build(batch, num_decodes=2, token_coords=False)
+        assert step.batch_indices.start == step.batch_indices.stop == step.positions.stop == step.indices.start
+        assert buf[step.indices].tolist() == [5, 7, 2, 9, 3, 4]
 
 
 def test_exactly_full_last_pages(tiny_llm: LLM) -> None:
-    batch = runner_batch(tiny_llm, [(15, 1, [3]), (31, 1, [4, 6]), (0, 32, [8, 9]), (40, 8, [1, 2, 10])], 2)
-    buf, step = build(batch, num_decodes=2)
-    assert buf[step.last_page_len].tolist() == [16, 16, 16, 16]
-    assert buf[step.indptr].tolist() == [0, 1, 3, 5, 8]
-    check_step(batch, num_real=4)
+    seqs = [(15, 1, [3]), (31, 1, [4, 6]), (0, 32, [8, 9]), (40, 8, [1, 2, 10])]
+    with engine_batch(tiny_llm, seqs, 2) as batch:
+        buf, step = build(batch, num_decodes=2)
+        assert buf[step.last_page_len].tolist() == [16, 16, 16, 16]
+        assert buf[step.indptr].tolist() == [0, 1, 3, 5, 8]
+        check_step(batch, num_real=4)
 
 
 def test_a_padded_graph_batch_points_its_padding_at_block_0(tiny_llm: LLM) -> None:
-    batch = runner_batch(tiny_llm, [(20, 1, [5, 6]), (3, 1, [7])], num_decodes=2, pad_to=4)
-    assert batch.cuda_graph and batch.num_seqs == 4
-    buf, step = build(batch, num_decodes=batch.num_seqs)
-    assert buf[step.indptr].tolist() == [0, 2, 3, 4, 5]
-    assert buf[step.indices].tolist() == [5, 6, 7, 0, 0]
-    assert buf[step.last_page_len].tolist() == [5, 4, 1, 1]
-    assert buf[step.positions].tolist() == [20, 3, 0, 0]
-    check_step(batch, num_real=2)
+    # Five decodes: the engine pads them to its graph size 8.
+    seqs = [(20, 1, [5, 6]), (3, 1, [7]), (9, 1, [8]), (16, 1, [9, 10]), (31, 1, [11, 12])]
+    with engine_batch(tiny_llm, seqs, num_decodes=5) as batch:
+        assert batch.cuda_graph and batch.num_seqs == 8 and batch.num_actual_seqs == 5
+        buf, step = build(batch, num_decodes=batch.num_seqs)
+        assert buf[step.indptr].tolist() == [0, 2, 3, 4, 6, 8, 9, 10, 11]
+        assert buf[step.indices].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 0, 0, 0]
+        assert buf[step.last_page_len].tolist() == [5, 4, 10, 1, 16, 1, 1, 1]
+        assert buf[step.positions].tolist() == [20, 3, 9, 16, 31, 0, 0, 0]
+        check_step(batch, num_real=5)
 
 
 def test_a_graph_buckets_device_fields_keep_their_offsets(tiny_llm: LLM) -> None:
     """A captured graph reads the uploaded fields at fixed addresses: they may depend on the bucket only."""
-    short = build(runner_batch(tiny_llm, [(0, 1, [5])], 1, pad_to=4), 4)[1]
-    long = build(runner_batch(tiny_llm, [(100, 1, [5, 6, 7, 8, 9, 10, 11]), (40, 1, [1, 2, 3])], 2, pad_to=4), 4)[1]
+    # Three short decodes and four long ones: both padded to the engine's graph size 4.
+    with engine_batch(tiny_llm, [(0, 1, [5]), (2, 1, [6]), (4, 1, [7])], 3) as batch:
+        short = build(batch, 4)[1]
+    long_seqs = [(100, 1, [5, 6, 7, 8, 9, 10, 11]), (40, 1, [1, 2, 3]), (50, 1, [12, 13, 14, 15]), (20, 1, [16, 17])]
+    with engine_batch(tiny_llm, long_seqs, 4) as batch:
+        assert batch.num_seqs == 4
+        long = build(batch, 4)[1]
     for field in ("indptr", "last_page_len", "batch_indices", "positions"):
         assert getattr(short, field) == getattr(long, field)
     assert short.indices.start == long.indices.start and short.indices.stop < long.indices.stop
@@ -167,24 +172,24 @@ def test_a_graph_buckets_device_fields_keep_their_offsets(tiny_llm: LLM) -> None
 def test_every_step_of_a_run_matches_the_engines_slots(block_size: int) -> None:
     """A real run: chunked prefills, mixed steps, and decode steps padded to graph buckets (run eagerly)."""
     rng = random.Random(block_size)
-    llm = LLM("random:qwen2-tiny", device="cpu", block_size=block_size, max_model_len=96, max_num_seqs=12,
-              max_num_batched_tokens=24)
-    hooks = (resolve_hook(llm.pm, "write_kv", observed=False), resolve_hook(llm.pm, "attention", observed=False))
-    llm.runner.graphs = DecodeGraphs(llm.runner, hooks, capture=False)
     seen = {"mixed": 0, "padded": 0, "partial": 0, "full": 0}
-    prepare = llm.runner.prepare
 
-    def checked(out: SchedulerOutput, pad_to: int | None = None) -> StepBatch:
-        batch = prepare(out, pad_to)
-        check_step(batch, num_real=len(out.entries))
-        seen["mixed"] += bool(batch.num_decodes and batch.num_prefills and not batch.cuda_graph)
-        seen["padded"] += pad_to is not None and pad_to > len(out.entries)
-        last = (batch.seq_lens_cpu.numpy() - 1) % block_size + 1
-        seen["partial"] += bool((last < block_size).any())
-        seen["full"] += bool((last == block_size).any())
-        return batch
+    class Checked:
+        """Sees every batch the engine hands the backend's hooks (a hook wrapper, as novainfer.observers)."""
 
-    llm.runner.prepare = checked
+        @hookimpl(wrapper=True)
+        def prepare_attention_metadata(self, batch: StepBatch) -> Generator[None, Any, Any]:
+            check_step(batch, num_real=batch.num_actual_seqs)
+            seen["mixed"] += bool(batch.num_decodes and batch.num_prefills and not batch.cuda_graph)
+            seen["padded"] += batch.cuda_graph and batch.num_actual_seqs < batch.num_seqs
+            last = (batch.seq_lens_cpu.numpy() - 1) % block_size + 1
+            seen["partial"] += bool((last < block_size).any())
+            seen["full"] += bool((last == block_size).any())
+            return (yield)
+
+    # No warm-up: its dummy step would be counted among the run's.
+    llm = LLM("random:qwen2-tiny", device="cpu", block_size=block_size, max_model_len=96, max_num_seqs=12,
+              max_num_batched_tokens=24, pad_decodes=True, warm_up=False, observers=[Checked()])
     prompts = [[rng.randrange(10000) for _ in range(rng.randint(1, 40))] for _ in range(10)]
     llm.generate(prompts, [SamplingParams(max_tokens=rng.randint(1, 20), ignore_eos=True) for _ in prompts])
     assert seen["mixed"] and seen["padded"] and seen["full"], seen
@@ -192,23 +197,29 @@ def test_every_step_of_a_run_matches_the_engines_slots(block_size: int) -> None:
 
 
 def test_options_are_checked_with_the_valid_values() -> None:
-    assert checks.parse_options({}) == checks.Options("native", "auto", "auto", "fast")
-    assert checks.parse_options({"kv_write": "append", "tensor_cores": True, "prefill_backend": "fa2"}) == (
+    """The plugin declares its options' types; the core parses an arm's table into them (as the registry does
+    before the backend is created), each message starting with the backend's name."""
+
+    def parse(raw: dict[str, Any]) -> Any:
+        return parse_options("flashinfer", checks.Options, raw)
+
+    assert parse({}) == checks.Options("native", "auto", "auto", "fast")
+    assert parse({"kv_write": "append", "tensor_cores": True, "prefill_backend": "fa2"}) == (
         checks.Options("append", True, "fa2", "fast")
     )
-    with pytest.raises(BackendError, match=r"unknown backend option\(s\) kernels; known: kv_write, tensor_cores, "
-                                           r"prefill_backend, decode_plan$"):
-        checks.parse_options({"kernels": "triton"})
+    with pytest.raises(BackendError, match=r"^flashinfer: unknown backend option\(s\) kernels; known: kv_write, "
+                                           r"tensor_cores, prefill_backend, decode_plan$"):
+        parse({"kernels": "triton"})
     with pytest.raises(BackendError, match=r"kv_write must be one of native, append, got 'scatter'"):
-        checks.parse_options({"kv_write": "scatter"})
+        parse({"kv_write": "scatter"})
     with pytest.raises(BackendError, match=r"tensor_cores must be true, false or \"auto\", got 'yes'"):
-        checks.parse_options({"tensor_cores": "yes"})
+        parse({"tensor_cores": "yes"})
     with pytest.raises(BackendError, match=r"tensor_cores must be true, false or \"auto\", got 1"):
-        checks.parse_options({"tensor_cores": 1})
+        parse({"tensor_cores": 1})
     with pytest.raises(BackendError, match=r"prefill_backend must be one of auto, fa2, fa3, got 'cudnn'"):
-        checks.parse_options({"prefill_backend": "cudnn"})
+        parse({"prefill_backend": "cudnn"})
     with pytest.raises(BackendError, match=r"decode_plan must be one of fast, wrapper, got 'slow'"):
-        checks.parse_options({"decode_plan": "slow"})
+        parse({"decode_plan": "slow"})
 
 
 def test_tensor_cores_auto_follows_the_query_heads_per_kv_head() -> None:
@@ -286,7 +297,7 @@ def test_pip_installed_plugin_is_found_and_says_why_it_cannot_run(plugin_site: P
     assert found["create"] == (
         "flashinfer: unknown backend option(s) kernels; known: kv_write, tensor_cores, prefill_backend, decode_plan"
     )
-    listing = run_with_plugin(plugin_site, tmp_path, "-m", "novainfer.ab.cli", "backends")
+    listing = run_with_plugin(plugin_site, tmp_path, "-m", "novainfer.ab.sweep.cli", "backends")
     assert listing.returncode == 0, listing.stderr
     row = next(line for line in listing.stdout.splitlines() if "novainfer-plugin-flashinfer" in line)
     assert row.split()[1] == "flashinfer" and "flashinfer-python is not installed" in row

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from novainfer.ab.gate import GateReport, GateSettings, KindCoverage, check_backend, choose_sample, forced_sequences
-from novainfer.ab.schedule import CONTINUED_CHUNK, MIXED, kind_counts, labelled, plan_schedule
+from novainfer.ab.trial.gate import GateReport, KindCoverage, check_backend, choose_sample, forced_sequences
+from novainfer.ab.trial.schedule import CONTINUED_CHUNK, MIXED, kind_counts, labelled, plan_schedule
+from novainfer.ab.wire import GateSettings
 from novainfer.ab.workload import Workload
 from novainfer.backend_api import BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.config import EngineConfig
@@ -45,11 +46,13 @@ class Zeroing(NativeBackend):
         return (super().prepare_attention_metadata(batch=batch), batch)
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
         native, batch = metadata
-        out = super().attention(query=query, kv_cache=kv_cache, metadata=native, scale=scale)
-        out[self.rows(batch)] = self.fill
-        return out
+        super().attention(query=query, kv_cache=kv_cache, metadata=native, scale=scale, output=output)
+        output[self.rows(batch)] = self.fill
+        return True
 
 
 def first_row_of_continued_chunks(batch: StepBatch) -> list[int]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from novainfer.ab.ledger import Ledger, LedgerError
-from novainfer.ab.record import TrialRecord
+from novainfer.ab.sweep.ledger import Ledger, LedgerError
+from novainfer.ab.wire import TrialRecord
 
 
 def _record(trial: str, sweep: str = "s1", status: str = "ok") -> TrialRecord:
@@ -102,8 +102,8 @@ def test_damaged_middle_line_raises(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
-from novainfer.ab.ledger import Ledger
-from novainfer.ab.record import TrialRecord
+from novainfer.ab.sweep.ledger import Ledger
+from novainfer.ab.wire import TrialRecord
 ledger = Ledger(sys.argv[1])
 for i in range(100000):
     ledger.append(TrialRecord("s", f"a#{i}", "a", {}, i, i, "ok", config={"pad": "x" * 20000}))

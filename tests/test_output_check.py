@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from novainfer import LLM, SamplingParams
-from novainfer.ab.output_check import OutputCheck, check_outputs
+from novainfer.ab.trial.output_check import check_outputs
+from novainfer.ab.wire import OutputCheck
 from novainfer.ab.workload import Workload
 from novainfer.backend_api import BackendError, BackendSpec, Capabilities, hookimpl
 from novainfer.config import EngineConfig
@@ -76,12 +77,13 @@ def test_the_checking_process_loads_no_backend_plugin(pip_install: Callable[[Pat
     config, prompts, outputs = honest_run("float32")
     payload = {"config": config.to_dict(), "prompts": prompts, "outputs": outputs, "floor_margin": 2.0}
     done = subprocess.run(
-        [sys.executable, "-m", "novainfer.ab.output_check"], input=json.dumps(payload), capture_output=True, text=True,
+        [sys.executable, "-m", "novainfer.ab.trial.output_check"], input=json.dumps(payload), capture_output=True,
+        text=True,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300, check=True,
     )
     report = OutputCheck.from_json(done.stdout.strip().splitlines()[-1])
     assert report.passed() and report.plugins_loaded == ()
-    probe = "import novainfer.ab.output_check as c, novainfer_adversarial; print(c.plugin_modules_loaded())"
+    probe = "import novainfer.ab.trial.output_check as c, novainfer_adversarial; print(c.plugin_modules_loaded())"
     seen = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env={"PYTHONPATH": str(site)}, check=True
     )

@@ -19,9 +19,9 @@ from test_experiment import BASE, load_error, run_cli, variant, write
 from test_sweep import TRIAL_TAGS, client, ledger_records, nova_ab, runs
 
 from novainfer import LLM
-from novainfer.ab.checkpoints import RECIPE_FILE, materialize
-from novainfer.ab.experiment import load_experiment
-from novainfer.ab.peers.vllm_peer import _chosen_backend
+from novainfer.ab.sweep.experiment import load_experiment
+from novainfer.ab.trial.checkpoints import RECIPE_FILE, materialize
+from novainfer.ab.trial.peers.vllm_peer import _chosen_backend
 from novainfer.ab.workload import Workload, teacher_forcing_inputs
 from novainfer.models import presets
 

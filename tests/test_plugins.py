@@ -11,8 +11,18 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams, backend_api
-from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, StepBatch, hookimpl
-from novainfer.plugins import discover_backends, unsupported_reason
+from novainfer.backend_api import (
+    AttentionContext,
+    BackendError,
+    BackendSpec,
+    Capabilities,
+    NoOptions,
+    Settings,
+    StepBatch,
+    hookimpl,
+)
+from novainfer.backend_check import unsupported_reason
+from novainfer.plugins import discover_backends
 
 TINY = dict(device="cpu", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_capacity=512)
 
@@ -32,9 +42,11 @@ class CountingBackend:
         return self.native.prepare_attention_metadata(batch=batch)
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
         self.calls["attention"] += 1
-        return self.native.attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale)
+        return self.native.attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale, output=output)
 
 
 class InProcessPlugin:
@@ -53,7 +65,7 @@ class InProcessPlugin:
                 "needs-gpu-lib",
                 self.create,
                 Capabilities(devices=("cpu",), dtypes=("float32",)),
-                unavailable=lambda: "gpulib is not installed",
+                unavailable=lambda settings: "gpulib is not installed",
             )
         )
 
@@ -89,8 +101,8 @@ def test_unknown_and_unavailable_backends_fail_with_the_available_list() -> None
     with pytest.raises(BackendError, match=r"pip install novainfer-plugin-flashinfer"):
         LLM("random:qwen2-tiny", backend="flashinfer", **TINY)
     counting = discover_backends([InProcessPlugin()])["counting"].spec
-    assert unsupported_reason(counting, torch.device("cuda"), torch.float32, 16) == "runs on cpu, not cuda"
-    assert unsupported_reason(counting, torch.device("cpu"), torch.bfloat16, 16) == (
+    assert unsupported_reason(counting, Settings("cuda", "float32", 16, False, NoOptions())) == "runs on cpu, not cuda"
+    assert unsupported_reason(counting, Settings("cpu", "bfloat16", 16, False, NoOptions())) == (
         "supports dtypes float32, not bfloat16"
     )
 
@@ -104,6 +116,26 @@ def test_every_hook_is_documented() -> None:
         assert ":returns:" in doc or "register" in hook.__name__, f"{hook.__name__} does not say what it returns"
         for param in inspect.signature(hook).parameters:
             assert f":param {param}:" in doc, f"{hook.__name__} does not document {param}"
+
+
+class ReturnsItsOutput:
+    """An attention that returns its result instead of writing it into `output`: the contract before `output`."""
+
+    @hookimpl
+    def attention(self, query: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(query)
+
+
+class OldContractPlugin:
+    @hookimpl
+    def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
+        caps = Capabilities(devices=("cpu",), dtypes=("float32",))
+        register(BackendSpec("returns-output", lambda context: ReturnsItsOutput(), caps))
+
+
+def test_an_attention_that_returns_its_result_is_refused_not_dropped() -> None:
+    with pytest.raises(BackendError, match=r"^attention answered Tensor, not True: it writes into `output`$"):
+        LLM("random:qwen2-tiny", backend="returns-output", plugins=[OldContractPlugin()], **TINY)
 
 
 class CountingObserver:

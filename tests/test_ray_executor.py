@@ -104,7 +104,7 @@ def test_a_killed_driver_resumes_without_duplicates_on_either_executor(tmp_path:
     exp = write_experiment(tmp_path / "resume.toml", ["native"], 4, 120)
     env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": ray_head, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp), "--executor", "ray"], cwd=tmp_path,
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(exp), "--executor", "ray"], cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     wait_for_first_trial(tmp_path)
@@ -124,7 +124,7 @@ def test_a_killed_driver_resumes_without_duplicates_on_either_executor(tmp_path:
 
 def test_without_ray_the_executor_says_how_to_install_it(tmp_path: Path) -> None:
     blocked = (
-        "import sys; sys.modules['ray'] = None; from novainfer.ab.cli import main; "
+        "import sys; sys.modules['ray'] = None; from novainfer.ab.sweep.cli import main; "
         f"sys.exit(main(['sweep', {str(SMOKE)!r}, '--executor', 'ray']))"
     )
     result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True)
@@ -135,7 +135,7 @@ def test_without_ray_the_executor_says_how_to_install_it(tmp_path: Path) -> None
 
 
 def test_the_executor_is_not_part_of_what_a_sweep_measures(tmp_path: Path) -> None:
-    from novainfer.ab.experiment import load_experiment
+    from novainfer.ab.sweep.experiment import load_experiment
 
     local = write_experiment(tmp_path / "a.toml", ["native"], 2, 60)
     ray = tmp_path / "b.toml"

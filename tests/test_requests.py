@@ -126,10 +126,12 @@ class FaultyBackend(NativeBackend):
         return super().prepare_attention_metadata(batch=batch)
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
         if self.steps == self.fail_at_step:
             raise RuntimeError(f"injected fault on step {self.steps}")
-        return super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale)
+        return super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale, output=output)
 
 
 class FaultyPlugin:

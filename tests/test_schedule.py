@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from novainfer import LLM, SamplingParams
-from novainfer.ab.schedule import (
+from novainfer.ab.trial.schedule import (
     CONTINUED_CHUNK,
     FIRST_CHUNK,
     LONGEST_CONTEXT,
@@ -13,10 +13,8 @@ from novainfer.ab.schedule import (
     PREFILL,
     decode_class,
     plan_schedule,
-    rebuilt,
 )
 from novainfer.ab.workload import Workload
-from novainfer.block_manager import BlockManager
 
 WORKLOAD = Workload(num_seqs=8, input_len=(16, 64), output_len=(8, 32), seed=3)
 
@@ -64,18 +62,3 @@ def test_kinds_name_what_each_step_exercises() -> None:
     longest = [s for s in plan if LONGEST_CONTEXT in s.kinds]
     assert [s.index for s in longest] == [plan[-1].index] and longest[0].context == 59
     assert decode_class(3, 256) == "decode-b4" and decode_class(17, 256) == "decode-b32"
-
-
-def test_rebuilt_steps_hold_their_blocks_only_while_used() -> None:
-    plan = plan_schedule(
-        [20, 30], [5, 5], num_blocks=16, block_size=8, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
-        cuda_graphs=False,
-    )
-    manager = BlockManager(16, 8)
-    step = plan[-1]
-    with rebuilt(step, manager, [list(range(25)), list(range(35))]) as out:
-        assert [e.num_new_tokens for e in out.entries] == [e.num_new for e in step.entries]
-        assert [len(e.seq) for e in out.entries] == [e.length for e in step.entries]
-        assert [e.seq.token_ids for e in out.entries] == [list(range(e.length)) for e in step.entries]
-        assert manager.num_free_blocks == 15 - sum(-(-e.length // 8) for e in step.entries)
-    assert manager.num_free_blocks == 15

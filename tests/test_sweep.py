@@ -33,7 +33,8 @@ def nova_ab(
     cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "novainfer.ab.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})},
     )
 
@@ -166,7 +167,7 @@ def test_faulty_backends_are_recorded_and_the_sweep_goes_on(tmp_path: Path, faul
 def test_sigkilled_sweep_is_finished_by_resume_with_one_child_per_trial(tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "resume.toml", ["native"], 4, 120, extra="")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "novainfer.ab.cli", "sweep", str(exp)], cwd=tmp_path,
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(exp)], cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )

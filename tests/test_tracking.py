@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from novainfer.ab.ledger import Ledger
-from novainfer.ab.record import TrialRecord
-from novainfer.ab.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
+from novainfer.ab.sweep.ledger import Ledger
+from novainfer.ab.sweep.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
+from novainfer.ab.wire import TrialRecord
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -28,8 +28,8 @@ from unittest import mock
 
 import pytest
 
-from novainfer.ab.record import TrialRecord
-from novainfer.ab.tracking import SweepInfo, Tracker, TrackingError, _retry_races
+from novainfer.ab.sweep.tracking import SweepInfo, Tracker, TrackingError, _retry_races
+from novainfer.ab.wire import TrialRecord
 
 # A failing call must end within this; the Tracker bounds it at about 8 s.
 FAIL_WITHIN_S = 10

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from novainfer.ab import novainfer_engine
-from novainfer.ab.gate import GateSettings
-from novainfer.ab.phases import PHASES, PhaseClock, choose_samples
-from novainfer.ab.record import gate_coverage
-from novainfer.ab.schedule import plan_schedule
-from novainfer.ab.trial import TrialRequest, new_record, run_trial
+from novainfer.ab.trial import novainfer_engine
+from novainfer.ab.trial.phases import PHASES, PhaseClock, choose_samples
+from novainfer.ab.trial.procedure import run_trial
+from novainfer.ab.trial.schedule import plan_schedule
+from novainfer.ab.wire import GateSettings, TrialRequest, gate_coverage, new_record
 from novainfer.ab.workload import Workload
 from novainfer.config import EngineConfig
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from test_sweep import ledger_records, nova_ab, runs
 
-from novainfer.ab.compare import summarize
-from novainfer.ab.record import TrialRecord, gate_coverage
+from novainfer.ab.sweep.statistics import summarize
+from novainfer.ab.wire import TrialRecord, gate_coverage
 
 ROOT = Path(__file__).resolve().parents[1]
 WRONG_SHAPES = ["wrong-when-mixed", "wrong-when-continued", "wrong-past-48-keys"]
@@ -203,9 +203,8 @@ def test_without_the_output_check_the_backends_that_tell_checks_apart_pass(
 ) -> None:
     """The mutation: the executor with its output check removed lets them through as "ok", so that check is
     what catches them above."""
-    from novainfer.ab import executor
-    from novainfer.ab.gate import GateSettings
-    from novainfer.ab.trial import TrialRequest
+    from novainfer.ab.sweep import executor
+    from novainfer.ab.wire import GateSettings, TrialRequest
     from novainfer.ab.workload import Workload
     from novainfer.config import EngineConfig
 

@@ -17,19 +17,25 @@ scatter; metadata and attention by the core's plain-PyTorch attention in the cac
 may implement only what it does differently, step by step.
 
 CUDA graphs, the protocol (when the engine runs with cuda_graphs and the backend's capabilities declare
-them, and `cuda_graph_unsupported` says nothing against it): at start the core captures one decode forward
-per batch size in `AttentionContext.cuda_graph_sizes`, largest first, and replays the smallest one that
-holds a decode-only step. Around each capture and replay:
+them, and `cuda_graph_unsupported` says nothing against it): at start the core's model runner captures one
+decode forward per batch size in `AttentionContext.cuda_graph_sizes`, largest first, and replays the smallest
+one that holds a decode-only step. Around each capture and replay:
     - `prepare_attention_metadata` runs eagerly, before the replay, for every step: host work, planning and
       copies into fixed buffers belong there;
-    - `write_kv` and `attention` are captured: they may launch kernels only (no host synchronisation, no
-      allocation that must outlive the step, no reading device values on the host);
-    - every device tensor they read must keep its storage from capture to replay: the batch's tensors do (they
-      are views of the core's persistent step buffers), and the metadata a backend returns for a graph batch
-      (`StepBatch.cuda_graph`) must reuse the same storage for the same batch size on every call.
+    - `write_kv` and `attention` run twice eagerly on a side stream with the capture's arguments (lazy
+      compiles and library workspaces belong there), then once inside the capture, which runs on a stream of
+      its own (a library with its own handle points it at torch.cuda.current_stream() on every call); a replay
+      runs no Python, so inside the capture they launch kernels only: no host synchronisation, no reading
+      device values on the host, no allocation that must outlive the step;
+    - every device tensor they read or write must keep its storage from capture to replay: the batch's tensors
+      do (views of the core's persistent step buffers), so does `attention`'s `output` (a view of the core's
+      persistent output buffer), and the metadata a backend returns for a graph batch (`StepBatch.cuda_graph`)
+      must reuse the same storage for the same batch size on every call.
 A graph batch is padded: its rows past `num_actual_seqs` are dummy decodes of length 1 in the scratch
 block, and its fields are graph-safe by themselves (`num_decodes` counts every row, `max_seq_len` is the
-longest a sequence may be), so no backend needs the padding rule.
+longest a sequence may be), so no backend needs the padding rule. Tests run the same padded batches eagerly,
+with nothing captured (the model runner's "padded" setting): graph batches also reach a backend outside any
+capture, on any device.
 """
 
 from __future__ import annotations
@@ -117,21 +123,44 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can run.
+    """What a backend can run; the core refuses other settings before the backend is created.
 
     devices: device types ("cpu", "cuda").
-    dtypes: torch dtype names ("float32", "bfloat16", ...).
+    dtypes: the dtypes attention may run in, as torch names ("float32", "bfloat16", ...): `Settings.dtype`.
     block_sizes: the KV block sizes it accepts; None means any.
     cuda_graphs: whether its decode path may be captured in a CUDA graph.
-    kv_layout: how it reads the core's cache; the core's layout is
-        [2, num_blocks, block_size, num_kv_heads, head_dim] ("NHD"); a backend states the view it takes.
     """
 
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
     block_sizes: tuple[int, ...] | None = None
     cuda_graphs: bool = False
-    kv_layout: str = "NHD"
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a backend that declares none: any option given to it is an error."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings a backend is asked to run with, as plain values: the sweep judges every arm with them
+    before any engine exists, and the core again when it creates the backend.
+
+    device: "cpu" or "cuda" ("auto" resolved on the machine that asks).
+    dtype: the dtype attention runs in, as a torch name: the KV cache's, which is what queries, keys and
+        values reach a backend in (the model's own dtype never does).
+    block_size: tokens per KV block.
+    cuda_graphs: whether decode steps reach the backend as CUDA-graph batches (the engine set to capture
+        them, on CUDA, and the capabilities declaring them).
+    options: the backend's options, parsed: an instance of its `BackendSpec.options`.
+    """
+
+    device: str
+    dtype: str
+    block_size: int
+    cuda_graphs: bool
+    options: Any
 
 
 @dataclass(frozen=True)
@@ -142,7 +171,9 @@ class AttentionContext:
     cuda_graphs: whether this engine is set to replay decode steps in CUDA graphs (see the module's protocol;
         `cuda_graph_unsupported` may still turn it down).
     cuda_graph_sizes: the decode batch sizes it then captures, ascending (`cuda_graph_sizes(max_num_seqs)`).
-    options: the arm's backend options, as given.
+    options: the backend's options. The engine passes the arm's table as given (a dict); the registry parses
+        it into the backend's `BackendSpec.options` type before `create` runs, so a backend is always created
+        with an instance of that type.
     """
 
     num_q_heads: int
@@ -159,23 +190,52 @@ class AttentionContext:
     device: torch.device
     cuda_graphs: bool = False
     cuda_graph_sizes: tuple[int, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=dict)
+
+
+def _no_rule(settings: Settings) -> str | None:
+    return None
+
+
+def _runs_anywhere(settings: Settings | None) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend as a plugin declares it.
+    """A backend as a plugin declares it. Whether it can run with given settings is decided from this
+    declaration alone, in this order, by the core (the same way for `nova-ab sweep --dry-run`, which judges
+    every arm before any trial, and for an engine about to create it):
+
+    1. options: a frozen dataclass type whose fields are the backend's options, each with a default and one
+       of the types bool, int, float, str, Literal[...] or a union of them. The core parses the arm's
+       `backend_options` into it: an unknown name, a wrong type or a value outside a Literal is a one-line
+       error naming the option and its valid values. A rule the types cannot say goes in the dataclass's
+       `__post_init__` (raise ValueError with one line). The instance reaches `create` as
+       `AttentionContext.options` and `check` and `unavailable` as `Settings.options`.
+    2. capabilities, then check: whether these settings suit the backend on any machine. `check` returns a
+       one-line reason ("flash-attn 2 needs blocks of a multiple of 256 tokens, not 16") or None; a reason
+       from either makes the arm a file error, reported before any trial.
+    3. unavailable: why this machine cannot run it ("needs a CUDA GPU", "flashinfer-python is not
+       installed"), or None: the arm is then skipped here, with that reason. Given the settings it judges
+       them (an option may pick a library that is missing); given None it says whether anything of the
+       backend can run here (what `nova-ab backends` lists).
+    Neither `check` nor `unavailable` may import a kernel library to answer: installed-package metadata
+    (importlib.util.find_spec, importlib.metadata) and torch's view of the device are enough.
 
     create: builds the object whose hookimpls answer the attention hooks for one engine.
-    unavailable: returns why the backend cannot run on this machine ("needs CUDA",
-        "flashinfer is not installed"), or None when it can. It must not import kernel libraries
-        just to answer; checking that they are installed (importlib.util.find_spec) is enough.
+    versions: the versions of the kernel libraries the backend runs on, read from installed-package
+        metadata ({"flashinfer-python": "0.6.13"}); every trial records them.
+    description: one line for `nova-ab backends`.
     """
 
     name: str
     create: Callable[[AttentionContext], object]
     capabilities: Capabilities
-    unavailable: Callable[[], str | None] = lambda: None
+    options: type = NoOptions
+    check: Callable[[Settings], str | None] = _no_rule
+    unavailable: Callable[[Settings | None], str | None] = _runs_anywhere
+    versions: Callable[[], dict[str, str]] = dict
     description: str = ""
 
 
@@ -187,12 +247,14 @@ def core_attention_metadata(batch: StepBatch) -> Any:
     return reference_metadata(batch)
 
 
-def core_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
-    """The core's own attention over `core_attention_metadata`'s metadata: what answers `attention` when a
-    backend returns None, for a backend that wraps it."""
+def core_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+) -> None:
+    """The core's own attention over `core_attention_metadata`'s metadata, written into `output`: what answers
+    `attention` when a backend returns None, for a backend that wraps it (which then returns True itself)."""
     from novainfer.reference import reference_attention
 
-    return reference_attention(query, kv_cache, metadata, scale, exact=False)
+    reference_attention(query, kv_cache, metadata, scale, exact=False, out=output)
 
 
 @hookspec
@@ -210,9 +272,10 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
 def prepare_attention_metadata(batch: StepBatch) -> Any:
     """Build the backend's metadata for one engine step.
 
-    Called once per step, before the first layer, never per layer. Stops at the first non-None
-    result. Whatever it returns is passed unchanged as ``metadata`` to every ``write_kv`` and
-    ``attention`` call of that step.
+    Called once per step, before the first layer, never per layer; for a CUDA-graph step, eagerly
+    before the replay (see the module's protocol). Stops at the first non-None result. Whatever it
+    returns is passed unchanged as ``metadata`` to every ``write_kv`` and ``attention`` call of that
+    step.
 
     :param batch: the scheduled batch, already on the device: positions, slot mapping, block
         tables, sequence lengths, query start offsets, and how many entries are decodes (they
@@ -232,9 +295,10 @@ def write_kv(
 ) -> bool | None:
     """Write one layer's new keys and values into the BLOCK cache.
 
-    Called once per layer per step, before ``attention`` of that layer. Stops at the first
-    non-None result. The core registers a default (one indexed scatter at the slot mapping) that
-    runs last, so a backend that keeps the core's layout may leave this hook out or return None.
+    Called once per layer per step, before ``attention`` of that layer; inside a CUDA-graph capture
+    it may launch kernels only (see the module's protocol). Stops at the first non-None result. The
+    core registers a default (one indexed scatter at the slot mapping) that runs last, so a backend
+    that keeps the core's layout may leave this hook out or return None.
 
     :param layer_idx: the layer, from 0.
     :param key: [num_tokens, num_kv_heads, head_dim], rotary embedding applied.
@@ -250,21 +314,36 @@ def write_kv(
 
 @hookspec(firstresult=True)
 def attention(
-    layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float
-) -> torch.Tensor | None:
-    """Attention of one layer's queries over the paged cache.
+    layer_idx: int,
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: Any,
+    scale: float,
+    output: torch.Tensor,
+) -> bool | None:
+    """Attention of one layer's queries over the paged cache, written into the core's ``output``.
 
     Called once per layer per step, after ``write_kv``, so the cache already holds this step's
-    keys and values. Stops at the first non-None result. Decodes attend to their whole sequence;
-    a prefill chunk attends causally: each query to the cached prefix and the chunk's tokens up to
+    keys and values; inside a CUDA-graph capture it may launch kernels only (see the module's
+    protocol). Stops at the first non-None result. Decodes attend to their whole sequence; a
+    prefill chunk attends causally: each query to the cached prefix and the chunk's tokens up to
     its own position. Decodes and prefill chunks come mixed in one batch.
+
+    ``output`` is the core's: a view of one persistent buffer of the model runner (sized for the
+    most rows a step can have), the same storage for every layer and step, and in a captured graph
+    at every replay, so a step allocates nothing for it. Its rows hold stale values on entry; write
+    every one. A backend may keep a reference to it (a bound kernel argument, say) but nothing it
+    must read back later: the core consumes the rows before the next layer's call overwrites them.
+    A library that cannot write into a given tensor gets its result copied in.
 
     :param layer_idx: the layer, from 0.
     :param query: [num_tokens, num_q_heads, head_dim], rotary embedding applied.
     :param kv_cache: this layer's cache, as in ``write_kv``.
     :param metadata: what ``prepare_attention_metadata`` returned for this step.
     :param scale: the softmax scale (head_dim ** -0.5).
-    :returns: [num_tokens, num_q_heads, head_dim] in the query's dtype.
+    :param output: [num_tokens, num_q_heads, head_dim], contiguous, in the query's dtype: where the
+        result goes.
+    :returns: True once ``output`` holds the result; None to let the next implementation write it.
     """
 
 
@@ -272,11 +351,10 @@ def attention(
 def cuda_graph_unsupported() -> str | None:
     """Say why this backend cannot run its decode forward inside a CUDA graph, or nothing.
 
-    Called once at engine start, when the engine is set to use CUDA graphs and the backend's
-    capabilities declare ``cuda_graphs``. Stops at the first non-None result. A backend that can
-    be captured returns None (or leaves the hook out); it must then, for a batch whose
-    ``cuda_graph`` flag is set, return metadata whose device tensors keep the same storage on every
-    call for that batch size, since the graph replays the kernels captured against them.
+    Called once at engine start, when the engine is set to use CUDA graphs on a CUDA device and the
+    backend's capabilities declare ``cuda_graphs``. Stops at the first non-None result. A backend
+    that can be captured returns None (or leaves the hook out), and then keeps the module's CUDA-graph
+    protocol.
 
     :returns: a one-line reason ("needs host-side shapes per step"), or None.
     """

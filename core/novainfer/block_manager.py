@@ -54,6 +54,16 @@ class BlockManager:
             raise RuntimeError(f"out of KV blocks: need {needed}, have {len(self._free)}")
         seq.block_table.extend(self._free.popleft() for _ in range(needed))
 
+    def allocate_blocks(self, seq: Sequence, blocks: list[int]) -> None:
+        """Grow `seq`'s block table by these particular free blocks, in this order (for a check that wants them
+        out of the free list's order: novainfer.testing); the other free blocks keep theirs."""
+        wanted = set(blocks)
+        taken = wanted & set(self._free)
+        if len(wanted) != len(blocks) or taken != wanted:
+            raise ValueError(f"blocks {list(blocks)} are not distinct free blocks (free of them: {sorted(taken)})")
+        self._free = deque(b for b in self._free if b not in wanted)
+        seq.block_table.extend(blocks)
+
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)
         seq.block_table = []

@@ -1,88 +1,64 @@
-"""Decode in CUDA graphs: one captured forward per batch-size bucket, replayed with padding.
+"""CUDA-graph capture for decode steps: one captured forward per graph size, replayed on refilled inputs.
 
-A decode step launches hundreds of small kernels; replaying them as one graph removes the launch
-gaps. Graphs are captured at engine start for buckets 1, 2, 4, 8, then every 16 up to
-max_num_seqs, largest first so smaller ones reuse its memory pool. A step of n decodes replays the
-smallest bucket >= n, its extra rows reading and writing the scratch block. The inputs live in the
-model runner's persistent step buffers, so a replay only needs them refilled.
-
-With `capture=False` the same padded path runs eagerly: that is how CPU tests check that padding
-leaves the real rows' logits unchanged.
+A decode step launches hundreds of small kernels; replaying them as one graph removes the launch gaps. The
+model runner captures a decode forward per size of `cuda_graph_sizes(max_num_seqs)` at start and replays the
+smallest that holds a decode-only step (the backend's side of it: novainfer.backend_api's protocol). What a
+forward reads lives in the runner's persistent buffers, so a replay needs them refilled, nothing more; this
+module holds only the capture itself, and whether it may be tried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
 
 import torch
 
-from novainfer.backend_api import cuda_graph_sizes
-from novainfer.block_manager import scratch_sequence
-from novainfer.scheduler import ScheduledSeq, SchedulerOutput
+from novainfer.backend_api import BackendSpec
 
-if TYPE_CHECKING:
-    from novainfer.model_runner import ModelRunner
+Outputs = tuple[torch.Tensor, torch.Tensor]  # a decode forward's (logits, hidden states)
 
-HookCallers = tuple[Callable[..., Any], Callable[..., Any]]  # (write_kv, attention)
+
+def capture_refusal(device: torch.device, backend: BackendSpec) -> str | None:
+    """Why decode steps cannot be captured for `backend` on `device`, as far as its spec tells, or None (its
+    `cuda_graph_unsupported` hook is asked once it is created)."""
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if not backend.capabilities.cuda_graphs:
+        return f"{backend.name} does not support CUDA graphs"
+    return None
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, hooks: HookCallers, capture: bool) -> None:
-        """`hooks` are the backend's write_kv and attention callables without observers: events and
-        timers cannot be recorded inside a capture."""
-        self.runner = runner
-        self.hooks = hooks
-        self.buckets = cuda_graph_sizes(runner.buffers.max_seqs)
-        self.capture = capture
+    """Captured decode forwards, one per size, sharing one memory pool."""
+
+    def __init__(self, sizes: Sequence[int], setup: Callable[[int], Callable[[], Outputs]]) -> None:
+        """Capture a forward per size, largest first so the smaller ones reuse its memory pool.
+
+        `setup(size)` fills the inputs of a decode batch of that size (building its metadata there, outside
+        the graph) and returns the forward to capture on them.
+        """
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, hidden)
-        if capture:
-            self._capture_all()
-
-    def bucket_for(self, out: SchedulerOutput) -> int | None:
-        """The bucket a step replays, or None when it must run eagerly (it has prefill chunks)."""
-        n = len(out.entries)
-        if out.num_decodes != n:
-            return None
-        return next(b for b in self.buckets if b >= n)
-
-    def run(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [bucket, vocab], hidden states [bucket, hidden]) of a padded decode batch; rows past the
-        real ones are garbage."""
-        metadata = self.runner.prepare_metadata(batch=batch)  # outside the graph: backends may re-plan
-        size = batch.num_seqs
-        if not self.capture:
-            return self._forward(batch, metadata)
-        self.graphs[size].replay()
-        return self.outputs[size]
-
-    def _forward(self, batch: Any, metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.runner.forward(batch, metadata, self.hooks)
-        return self.runner.logits(batch, hidden), hidden
-
-    def _capture_all(self) -> None:
+        self.outputs: dict[int, Outputs] = {}
         pool = None
-        for size in reversed(self.buckets):
-            batch = self.runner.prepare(_dummy_decodes(size), pad_to=size)
-            metadata = self.runner.prepare_metadata(batch=batch)
+        for size in sorted(sizes, reverse=True):
+            forward = setup(size)
             # Warm up on a side stream first (lazy kernel compilation and cuBLAS workspaces must
             # happen outside the capture), as PyTorch's graph docs require.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._forward(batch, metadata)
+                    forward()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(batch, metadata)
+                self.outputs[size] = forward()
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-
-def _dummy_decodes(n: int) -> SchedulerOutput:
-    """n decodes of one token each, all in the scratch block: what capture runs the forward on."""
-    entries = [ScheduledSeq(scratch_sequence(1, 1), 1) for _ in range(n)]
-    return SchedulerOutput(entries=entries, num_decodes=n)
+    def replay(self, size: int) -> Outputs:
+        """The captured forward of `size` over its inputs as now filled: the graph's static outputs, valid until
+        its next replay."""
+        self.graphs[size].replay()
+        return self.outputs[size]

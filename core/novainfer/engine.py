@@ -15,12 +15,12 @@ import torch
 from novainfer.backend_api import AttentionContext, cuda_graph_sizes
 from novainfer.block_manager import BlockManager, blocks_for
 from novainfer.config import EngineConfig
-from novainfer.cuda_graphs import DecodeGraphs
+from novainfer.cuda_graphs import capture_refusal
 from novainfer.kv_cache import allocate_kv_caches, num_kv_blocks
 from novainfer.model_runner import ModelRunner
 from novainfer.models.presets import RANDOM_PREFIX
 from novainfer.models.qwen2 import Qwen2ForCausalLM, build_model
-from novainfer.plugins import RegisteredBackend, engine_plugin_manager, resolve_hook, select_backend
+from novainfer.plugins import RegisteredBackend, engine_plugin_manager, select_backend
 from novainfer.scheduler import Scheduler
 from novainfer.sequence import SamplingParams, Sequence
 
@@ -69,6 +69,9 @@ class LLM:
     another engine's weights (same model, dtype and device), so a reference engine for a
     correctness check costs no second copy. `warm_up=False` skips the dummy step at the largest
     shape (and its re-run after graph capture): for an engine that checks numbers, not one that is timed.
+    `pad_decodes=True` (with cuda_graphs off) runs each decode-only step padded to its CUDA-graph size,
+    eagerly, exactly as a replay would run it: how tests exercise the graph path on the CPU.
+    `graph_mode` records what decode steps do: "cuda_graphs", "padded (eager)", "eager" or "eager (why)".
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class LLM:
         observers: Seq[object] = (),
         shared_model: Qwen2ForCausalLM | None = None,
         warm_up: bool = True,
+        pad_decodes: bool = False,
         **settings: Any,
     ) -> None:
         self.config = EngineConfig(model=model, **settings)
@@ -100,13 +104,17 @@ class LLM:
         mc = self.model_config
         num_blocks = num_kv_blocks(cfg, mc, self.device, self.dtype, self.kv_dtype)
         self.kv_caches = allocate_kv_caches(mc, num_blocks, cfg.block_size, self.kv_dtype, self.device)
-        graphs_asked = cfg.cuda_graphs and self.device.type == "cuda" and self.backend.spec.capabilities.cuda_graphs
+        graphs = "capture" if cfg.cuda_graphs else "padded" if pad_decodes else "off"
+        # Whether the backend will be handed graph batches (its cuda_graph_unsupported hook may still refuse).
+        graph_batches = graphs == "padded" or (
+            graphs == "capture" and capture_refusal(self.device, self.backend.spec) is None
+        )
         context = AttentionContext(
             num_q_heads=mc.num_attention_heads, num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
             num_layers=mc.num_hidden_layers, block_size=cfg.block_size, num_blocks=num_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_model_len=cfg.max_model_len, max_blocks_per_seq=blocks_for(cfg.max_model_len, cfg.block_size),
-            dtype=self.kv_dtype, device=self.device, cuda_graphs=graphs_asked,
+            dtype=self.kv_dtype, device=self.device, cuda_graphs=graph_batches,
             cuda_graph_sizes=cuda_graph_sizes(cfg.max_num_seqs),
             options=dict(cfg.backend_options),
         )
@@ -114,34 +122,12 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len)
         self.runner = ModelRunner(
-            self.model, self.kv_caches, self.block_manager, self.pm, cfg.max_num_seqs,
-            cfg.max_num_batched_tokens, cfg.max_model_len, self.device,
+            self.model, self.kv_caches, self.block_manager, self.pm, self.backend.spec, cfg.max_num_seqs,
+            cfg.max_num_batched_tokens, cfg.max_model_len, self.device, cuda_graphs=graphs, warm_up=warm_up,
         )
-        if warm_up:
-            self.runner.warm_up(cfg.max_model_len)  # before capture: the graphs' pool comes after the peak
-        self.graph_mode = self._setup_cuda_graphs()
-        if warm_up and self.graph_mode == "cuda_graphs":
-            # torch.cuda.graph empties the allocator's cache as it starts capturing, which gave the
-            # peak step's memory back to the device: the run's first large step would map it again
-            # (bench/mallocs_gpu.py saw 3 segments, 1.1 GiB, in the headline run's first step).
-            self.runner.warm_up(cfg.max_model_len)
+        self.graph_mode = self.runner.graph_mode
         self.tokenizer = _load_tokenizer(cfg.model)
         self.step_stats: list[StepStats] = []
-
-    def _setup_cuda_graphs(self) -> str:
-        """Capture decode graphs when asked and possible; returns the mode used, recorded with runs."""
-        if not self.config.cuda_graphs:
-            return "eager"
-        if self.device.type != "cuda":
-            return "eager (CUDA graphs need a CUDA device)"
-        if not self.backend.spec.capabilities.cuda_graphs:
-            return f"eager ({self.backend.name} does not support CUDA graphs)"
-        reason = self.pm.hook.cuda_graph_unsupported()
-        if reason:
-            return f"eager ({reason})"
-        hooks = (resolve_hook(self.pm, "write_kv", observed=False), resolve_hook(self.pm, "attention", observed=False))
-        self.runner.graphs = DecodeGraphs(self.runner, hooks, capture=True)
-        return "cuda_graphs"
 
     def _nvtx_range(self, name: str) -> contextlib.AbstractContextManager[Any]:
         """An NVTX range on CUDA (for Nsight Systems timelines); nothing elsewhere."""

@@ -4,7 +4,7 @@ It lives in the core, not in a plugin, so a check can always run it and no plugi
 backend "reference" is found without loading any entry point (novainfer.plugins.CORE_PLUGINS), and a plugin
 that registers the same name is refused. Its attention in the cache's dtype is also what every engine falls
 back to where a backend's hook returns None (novainfer.plugins.CoreDefaults). The correctness gate builds its
-reference and floor engines on it, and the check of a timed run's tokens (novainfer.ab.output_check) runs it
+reference and floor engines on it, and the check of a timed run's tokens (novainfer.ab.trial.output_check) runs it
 in a process that loads no plugin at all.
 
 Option `precision`:
@@ -23,15 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, StepBatch, hookimpl
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 
 NAME = "reference"
-PRECISIONS = ("float64", "cache")
 # The exact path takes query rows in chunks of this many, to bound its float64 score matrix.
 _EXACT_QUERY_CHUNK = 512
 
@@ -96,28 +96,29 @@ def reference_metadata(batch: StepBatch) -> ReferenceMetadata:
 
 
 def reference_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, metadata: ReferenceMetadata, scale: float, exact: bool
-) -> torch.Tensor:
-    """Attention of a step's queries [T, Hq, D] over the cache: exact (float64) or in the cache's dtype."""
-    out = torch.empty_like(query)
+    query: torch.Tensor, kv_cache: torch.Tensor, metadata: ReferenceMetadata, scale: float, exact: bool,
+    out: torch.Tensor,
+) -> None:
+    """Attention of a step's queries [T, Hq, D] over the cache, written into `out` (the same shape and dtype):
+    exact (float64) or in the cache's dtype."""
     attend = _attend_exact if exact else _attend
     for group in (metadata.decodes, metadata.prefills):
         if group is not None:
             attend(query, kv_cache, group, scale, out)
-    return out
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The option of the module's docstring; the registry parses the arm's table into it."""
+
+    precision: Literal["float64", "cache"] = "float64"
 
 
 class ReferenceBackend:
     """The hooks of the "reference" backend (KV writes fall back to the core's indexed scatter)."""
 
     def __init__(self, context: AttentionContext) -> None:
-        unknown = sorted(set(context.options) - {"precision"})
-        if unknown:
-            raise BackendError(f"{NAME}: unknown backend option(s) {', '.join(unknown)}; known: precision")
-        precision = context.options.get("precision", "float64")
-        if precision not in PRECISIONS:
-            raise BackendError(f"{NAME}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.exact = precision == "float64"
+        self.exact = context.options.precision == "float64"
 
     @hookimpl
     def cuda_graph_unsupported(self) -> str:
@@ -129,9 +130,11 @@ class ReferenceBackend:
 
     @hookimpl
     def attention(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: ReferenceMetadata, scale: float
-    ) -> torch.Tensor:
-        return reference_attention(query, kv_cache, metadata, scale, self.exact)
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: ReferenceMetadata, scale: float,
+        output: torch.Tensor,
+    ) -> bool:
+        reference_attention(query, kv_cache, metadata, scale, self.exact, output)
+        return True
 
 
 @hookimpl
@@ -141,6 +144,7 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
             name=NAME,
             create=ReferenceBackend,
             capabilities=Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "bfloat16", "float16")),
+            options=ReferenceOptions,
             description="the core's plain-PyTorch attention: float64 (exact) or the cache's dtype (the floor)",
         )
     )

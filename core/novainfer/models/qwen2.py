@@ -13,19 +13,23 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from novainfer.backend_api import BackendError
 from novainfer.layers import FusedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
 from novainfer.models.presets import RANDOM_PREFIX, Qwen2Config, preset_config
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What every layer of one step needs for attention: the backend's metadata, the cache and the hooks."""
+    """What every layer of one step needs for attention: the backend's metadata, the cache, the hooks, and
+    attention_output [num_tokens, num_q_heads, head_dim], the model runner's buffer the attention hook writes
+    each layer's result into (the layer reads it back before the next layer's call overwrites it)."""
 
     metadata: Any
     slot_mapping: torch.Tensor
     kv_caches: list[torch.Tensor]
     write_kv: Callable[..., Any]
     attention: Callable[..., Any]
+    attention_output: torch.Tensor
 
 
 class Qwen2Attention(nn.Module):
@@ -55,9 +59,14 @@ class Qwen2Attention(nn.Module):
             layer_idx=self.layer_idx, key=k, value=v, kv_cache=kv_cache,
             slot_mapping=step.slot_mapping, metadata=step.metadata,
         )
-        out = step.attention(
-            layer_idx=self.layer_idx, query=q, kv_cache=kv_cache, metadata=step.metadata, scale=self.scale
+        out = step.attention_output
+        written = step.attention(
+            layer_idx=self.layer_idx, query=q, kv_cache=kv_cache, metadata=step.metadata, scale=self.scale,
+            output=out,
         )
+        if written is not True:
+            # A result returned instead of written (the contract before `output`) would be dropped unseen.
+            raise BackendError(f"attention answered {type(written).__name__}, not True: it writes into `output`")
         return self.o_proj(out.reshape(-1, self.q_size).to(x.dtype))
 
 

@@ -6,12 +6,15 @@ created.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, hookimpl
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, Settings, hookimpl
+from novainfer_cudnn.buckets import Options
 
 # Paged K/V caches need cuDNN 9.5 and ragged queries with grouped KV heads 9.6, but packed (ragged)
 # queries over a paged cache only work from 9.10 (cudnn-frontend's paged-prefill sample gates them on
@@ -44,14 +47,25 @@ def unavailable_reason(frontend_installed: bool, cuda_available: bool, backend_v
     return None
 
 
-def unavailable() -> str | None:
-    """The reason for this machine, without importing cuDNN: `BackendSpec.unavailable`."""
+def unavailable(settings: Settings | None = None) -> str | None:
+    """The reason for this machine, without importing cuDNN: `BackendSpec.unavailable`. No setting changes
+    what cuDNN needs."""
     frontend = importlib.util.find_spec("cudnn") is not None
     cuda = torch.cuda.is_available()
     # The library torch loaded. The frontend loads the same wheel's (nvidia-cudnn-cu*) unless
     # LD_LIBRARY_PATH names another; creating the backend checks the frontend's own answer.
     version = torch.backends.cudnn.version() if frontend and cuda else None
     return unavailable_reason(frontend, cuda, version)
+
+
+def _versions() -> dict[str, str]:
+    """The frontend's version, and the cuDNN library torch loaded (what the frontend runs on, see unavailable)."""
+    found = {}
+    with contextlib.suppress(PackageNotFoundError):
+        found["nvidia-cudnn-frontend"] = version("nvidia-cudnn-frontend")
+    if torch.backends.cudnn.is_available() and torch.backends.cudnn.version() is not None:
+        found["cudnn"] = version_string(torch.backends.cudnn.version())
+    return found
 
 
 def _create(context: AttentionContext) -> object:
@@ -70,10 +84,10 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
                 devices=("cuda",),
                 dtypes=("bfloat16", "float16"),
                 cuda_graphs=True,
-                # The core's cache, read in place through [blocks, Hkv, block_size, D] strided views.
-                kv_layout="NHD",
             ),
+            options=Options,
             unavailable=unavailable,
-            description="cuDNN paged SDPA graphs, every shape bucket built at start (option prebuild)",
+            versions=_versions,
+            description="cuDNN paged SDPA graphs, every shape bucket built at start",
         )
     )

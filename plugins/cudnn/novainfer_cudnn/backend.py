@@ -179,12 +179,15 @@ class CudnnBackend:
         return self.layout.prepare(batch)
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: StepPlan, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: StepPlan, scale: float, output: torch.Tensor
+    ) -> bool:
         if scale != self.scale:
             raise BackendError(f"cudnn: the graphs are built for softmax scale {self.scale}, called with {scale}")
         # The engine runs on the default stream, but CUDA-graph warm-up and capture run on their own.
         cudnn.set_stream(self.handle, torch.cuda.current_stream(self.device).cuda_stream)
-        return self.layout.attend(query, kv_cache, metadata, self._run)
+        self.layout.attend(query, kv_cache, metadata, self._run, output)
+        return True
 
     @hookimpl
     def backend_counters(self) -> dict[str, int]:

@@ -20,12 +20,10 @@ KV length is width * block_size, so one graph serves every context length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from novainfer.backend_api import AttentionContext, BackendError, cuda_graph_sizes
 
-OPTIONS = ("prebuild",)
-PREBUILD = ("all", "lazy")
 PREFILL_RATIO = 4
 # A ragged graph's cost hardly depends on S below one attention tile (64 to 128 rows), so the
 # smallest query bucket is one tile.
@@ -167,15 +165,20 @@ def plan_step(keys: GraphKeys, num_decodes: int, num_prefills: int, max_prefill_
     return StepPlan(num_decodes, decode, prefill)
 
 
-def resolve_prebuild(options: dict[str, Any]) -> str:
-    """The prebuild policy from the backend options, with one-line errors."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise BackendError(f"cudnn: unknown backend option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    policy = options.get("prebuild", "all")
-    if policy not in PREBUILD:
-        raise BackendError(f"cudnn: prebuild must be one of {', '.join(PREBUILD)}, got {policy!r}")
-    return policy
+@dataclass(frozen=True)
+class Options:
+    """The backend's options (``backend_options``), parsed by the core before the backend is created.
+
+    prebuild: "all" builds every graph of the engine's limits when the backend is created; "lazy" builds
+        each on first use (see prebuilt_keys).
+    """
+
+    prebuild: Literal["all", "lazy"] = "all"
+
+
+def resolve_prebuild(options: Options) -> str:
+    """The prebuild policy of the parsed options."""
+    return options.prebuild
 
 
 def prebuilt_keys(keys: GraphKeys, policy: str) -> tuple[GraphKey, ...]:

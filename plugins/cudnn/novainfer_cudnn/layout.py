@@ -127,13 +127,14 @@ class Layout:
             self.prefill_offsets[count + 1 : size + 1].fill_(batch.num_tokens * self.row_elems)
             self.prefill_tables[count:size].zero_()
 
-    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan, run: GraphRunner) -> torch.Tensor:
-        """One layer's attention output [T, Hq, D]: the decode graph over the decode rows, the prefill
-        graph over the chunks, each writing its own rows of one output."""
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, plan: StepPlan, run: GraphRunner, out: torch.Tensor
+    ) -> None:
+        """One layer's attention into `out` [T, Hq, D] (contiguous, the core's output): the decode graph over the
+        decode rows, the prefill graph over the chunks, each writing its own rows."""
         # The graphs are built for token-major rows of Hq * D elements; the model's query already is one
         # (then this is free).
         query = query.contiguous()
-        out = torch.empty_like(query)
         # The core's cache read in place: [blocks, block_size, Hkv, D] seen as [blocks, Hkv, block_size, D].
         k, v = kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2)
         n = plan.num_decodes
@@ -147,4 +148,3 @@ class Layout:
                 run(plan.decode, query[:n], out[:n], k, v)
         if plan.prefill is not None:
             run(plan.prefill, query, out, k, v)
-        return out

@@ -14,8 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, hookimpl
-from novainfer_flashattn.checks import choose_generation, parse_options
+from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, Settings, hookimpl
+from novainfer_flashattn.checks import Options, check, choose_generation
 
 
 def installed_versions() -> tuple[str | None, str | None]:
@@ -35,14 +35,22 @@ def _capability(device: torch.device | None = None) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
 
 
-def _unavailable() -> str | None:
-    # The registry asks before a block size is known: flash-attn 2's block-size rule is checked at creation.
-    return choose_generation("auto", *installed_versions(), _capability(), None)[1]
+def _unavailable(settings: Settings | None = None) -> str | None:
+    # Without settings, whether any generation runs here at some block size (flash-attn 2's rule left out).
+    if settings is None:
+        return choose_generation("auto", *installed_versions(), _capability(), None)[1]
+    capability = _capability() if settings.device == "cuda" else None
+    return choose_generation(settings.options.generation, *installed_versions(), capability, settings.block_size)[1]
+
+
+def _versions() -> dict[str, str]:
+    fa4, fa2 = installed_versions()
+    return {name: v for name, v in (("flash-attn-4", fa4), ("flash-attn", fa2)) if v is not None}
 
 
 def _create(context: AttentionContext) -> object:
-    # Options and the generation are checked before FlashAttention is imported, so a typo fails fast.
-    options = parse_options(context.options)
+    # The generation is chosen before FlashAttention is imported: only the chosen one is loaded.
+    options = context.options
     capability = _capability(context.device) if context.device.type == "cuda" else None
     generation, reason = choose_generation(
         options.generation, *installed_versions(), capability, context.block_size
@@ -60,13 +68,14 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
         BackendSpec(
             name="flashattn",
             create=_create,
-            capabilities=Capabilities(
-                devices=("cuda",), dtypes=("bfloat16", "float16"), cuda_graphs=True, kv_layout="NHD"
-            ),
+            capabilities=Capabilities(devices=("cuda",), dtypes=("bfloat16", "float16"), cuda_graphs=True),
+            options=Options,
+            check=check,
             unavailable=_unavailable,
+            versions=_versions,
             description=(
                 "FlashAttention paged varlen: flash-attn-4 (sm90/sm100, any block size) or flash-attn 2 "
-                "(sm80+, blocks of a multiple of 256); option generation"
+                "(sm80+, blocks of a multiple of 256)"
             ),
         )
     )

@@ -18,12 +18,16 @@ FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 lets flash-attn-4 keep compiled kernels
 CUDA graphs: both generations launch from the arguments' device tensors, and a CUDA-graph batch's
 arguments are the engine's step buffers of its bucket with host bounds (1, max_model_len) that hold
 for every replay, so a captured decode forward replays on any batch of its bucket.
+
+Output: neither generation's public entry points take an output tensor (each allocates its own), so
+``attention`` copies the result into the core's ``output``: one [rows, Hq, D] copy per call. Inside a
+CUDA graph the library's allocation comes from the graph's pool at capture and is reused by every replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -76,7 +80,7 @@ class FlashAttnBackend:
         self.options = options
         self.kernels = kernels
         self.generation = kernels.generation
-        self.builder = MetadataBuilder(self.generation, context.max_num_seqs, context.max_model_len, context.device)
+        self.builder = MetadataBuilder(self.generation, context.max_num_seqs, context.device)
         self.warmup_calls = 0
         self._warm_up()
 
@@ -85,7 +89,8 @@ class FlashAttnBackend:
 
         Each shape is a step of seqs - 1 decodes and one sequence of `longest` new tokens over a cache of
         one block, which every page-table entry points at; a decode-only shape also runs as a CUDA-graph
-        batch (bounds 1 and max_model_len). The arguments come from the same builder as a run's.
+        batch (bounds 1 and max_model_len, as the core sets them). The arguments come from the same builder
+        as a run's.
         """
         ctx = self.context
         device = ctx.device
@@ -98,13 +103,15 @@ class FlashAttnBackend:
         width = -(-ctx.max_model_len // ctx.block_size)
         rows = max(seqs - 1 + longest for seqs, longest in shapes)
         query = torch.zeros(rows, ctx.num_q_heads, ctx.head_dim, dtype=ctx.dtype, device=device)
+        output = torch.empty_like(query)
         try:
             for seqs, longest in shapes:
-                for graph in (False, True) if longest == 1 else (False,):
-                    batch = dummy_batch([1] * (seqs - 1) + [longest], width, ctx.block_size, device, graph)
-                    metadata = self.builder.build(batch)
-                    self.attention(query=query[: batch.num_tokens], kv_cache=kv, metadata=metadata,
-                                   scale=ctx.head_dim**-0.5)
+                steps = [dummy_batch([1] * (seqs - 1) + [longest], width, ctx.block_size, device)]
+                if longest == 1:  # as a graph batch too: the core sets its flag and its bound, nothing else
+                    steps.append(replace(steps[0], cuda_graph=True, max_seq_len=ctx.max_model_len))
+                for step in steps:
+                    self.attention(query=query[: step.num_tokens], kv_cache=kv, metadata=self.builder.build(step),
+                                   scale=ctx.head_dim**-0.5, output=output[: step.num_tokens])
                     self.warmup_calls += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -125,7 +132,10 @@ class FlashAttnBackend:
         return self.builder.build(batch)
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: StepArgs, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: StepArgs, scale: float, output: torch.Tensor
+    ) -> bool:
+        # Each call's result is copied into `output`: neither generation takes one (see the module's docstring).
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if metadata.every is not None:
             rows = metadata.every
@@ -134,8 +144,8 @@ class FlashAttnBackend:
                 page_table=rows.page_table, max_seqlen_q=rows.max_seqlen_q, max_seqlen_k=rows.max_seqlen_k,
                 softmax_scale=scale, causal=True,
             )
-            return out
-        outs = []
+            output.copy_(out)
+            return True
         num_decodes = metadata.num_decodes
         if metadata.decodes is not None:
             rows = metadata.decodes
@@ -143,10 +153,11 @@ class FlashAttnBackend:
                 q=query[:num_decodes].unsqueeze(1), k_cache=k_cache, v_cache=v_cache, cache_seqlens=rows.seqused_k,
                 block_table=rows.page_table, softmax_scale=scale, causal=True,
             )
-            outs.append(out.squeeze(1))
+            output[:num_decodes].copy_(out.squeeze(1))
         if metadata.prefills is not None:
-            outs.append(self._prefill_fa2(query[num_decodes:], k_cache, v_cache, metadata.prefills, scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            out = self._prefill_fa2(query[num_decodes:], k_cache, v_cache, metadata.prefills, scale)
+            output[num_decodes:].copy_(out)
+        return True
 
     def _prefill_fa2(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: Rows, scale: float
@@ -172,12 +183,10 @@ class FlashAttnBackend:
         return counters
 
 
-def dummy_batch(query_lens: list[int], width: int, block_size: int, device: torch.device, cuda_graph: bool
-                ) -> StepBatch:
-    """A step of one sequence per query length, each holding just its new tokens, all in block 0.
+def dummy_batch(query_lens: list[int], width: int, block_size: int, device: torch.device) -> StepBatch:
+    """An eager step of one sequence per query length, each holding just its new tokens, all in block 0.
 
-    Sequences of one token count as decodes; with `cuda_graph` the batch is flagged as a padded graph
-    bucket. Only the fields the attention metadata reads are filled.
+    Sequences of one token count as decodes. Only the fields the attention metadata reads are filled.
     """
     lens = torch.tensor(query_lens, dtype=torch.int32)
     starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
@@ -189,6 +198,6 @@ def dummy_batch(query_lens: list[int], width: int, block_size: int, device: torc
         input_ids=empty, positions=empty, slot_mapping=empty, query_start_loc=starts.to(device),
         seq_lens=lens.to(device), block_tables=tables.to(device), query_start_loc_cpu=starts, seq_lens_cpu=lens,
         block_tables_cpu=tables, logits_indices=empty, num_decodes=sum(n == 1 for n in query_lens),
-        num_actual_seqs=len(query_lens),
-        max_query_len=max(query_lens), max_seq_len=max(query_lens), block_size=block_size, cuda_graph=cuda_graph,
+        num_actual_seqs=len(query_lens), max_query_len=max(query_lens), max_seq_len=max(query_lens),
+        block_size=block_size,
     )

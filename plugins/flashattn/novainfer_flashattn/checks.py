@@ -1,5 +1,5 @@
-"""What must hold before the flashattn backend is built: valid options, and a FlashAttention generation
-that runs on this GPU with this block size.
+"""What must hold before the flashattn backend is built: its options' type, the block-size rule of the
+generation asked for, and a FlashAttention generation that runs on this GPU with this block size.
 
 Pure functions of plain values (installed versions, compute capability, block size), so they import
 neither FlashAttention nor CUDA and are tested on any machine; ``novainfer_flashattn.__init__``
@@ -15,12 +15,12 @@ The two generations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
 from packaging.version import InvalidVersion, Version
 
-from novainfer.backend_api import BackendError
+from novainfer.backend_api import Settings
 
 # The first flash-attn-4 with paged KV on Hopper (4.0.0b3 asserts "paged KV not supported on SM 9.0").
 MIN_FA4 = "4.0.0b5"
@@ -32,7 +32,6 @@ FA2_MIN_CAPABILITY = (8, 0)
 # flash-attn 2's paged kernels check `page_block_size % 256 == 0` and raise otherwise.
 FA2_PAGE_MULTIPLE = 256
 
-GENERATIONS = ("auto", "4", "2")
 INSTALL = {
     "4": "pip install 'novainfer-plugin-flashattn[fa4]'",
     "2": "pip install --no-build-isolation 'novainfer-plugin-flashattn[fa2]'",
@@ -41,7 +40,8 @@ INSTALL = {
 
 @dataclass(frozen=True)
 class Options:
-    """The backend's options (``backend_options`` in the engine config).
+    """The backend's options (``backend_options`` in the engine config); the core parses the arm's table
+    into this type.
 
     generation: which FlashAttention runs: "4" (flash-attn-4), "2" (flash-attn 2.x), or "auto": 4 where
         it can run here (installed, Hopper or Blackwell), else 2 (installed, Ampere+, block size a
@@ -49,24 +49,17 @@ class Options:
         the other.
     """
 
-    generation: str = "auto"
+    # A config file may well say generation = 4: the number means the same generation, kept as its string.
+    generation: Literal["auto", "4", "2", 4, 2] = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "generation", str(self.generation))
 
 
-def parse_options(options: dict[str, Any]) -> Options:
-    """The options, checked; a BackendError names the valid names and values."""
-    known = [f.name for f in fields(Options)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise BackendError(f"flashattn: unknown backend option(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    generation = options.get("generation", "auto")
-    # A config file may well say generation = 4.
-    if isinstance(generation, int) and not isinstance(generation, bool):
-        generation = str(generation)
-    if generation not in GENERATIONS:
-        raise BackendError(
-            f"flashattn: generation must be one of {', '.join(GENERATIONS)}, got {options['generation']!r}"
-        )
-    return Options(generation=generation)
+def check(settings: Settings) -> str | None:
+    """The settings rule (`BackendSpec.check`): flash-attn 2, when asked for by name, pages the cache only in
+    blocks of a multiple of 256 tokens, on any machine. ("auto" may still pick 4 where it runs.)"""
+    return block_size_reason(settings.block_size) if settings.options.generation == "2" else None
 
 
 def _too_old(name: str, version: str, minimum: str) -> str | None:

@@ -73,9 +73,8 @@ class StepArgs:
 class MetadataBuilder:
     """Builds StepArgs for one generation ("4" or "2"); owns flash-attn 2's two offset buffers."""
 
-    def __init__(self, generation: str, max_num_seqs: int, max_model_len: int, device: torch.device) -> None:
+    def __init__(self, generation: str, max_num_seqs: int, device: torch.device) -> None:
         self.generation = generation
-        self.max_model_len = max_model_len
         # Prefill chunks' query offsets from 0 and key-length running sums; entry 0 of the latter stays 0.
         self.prefill_cu_seqlens_q = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.prefill_cu_seqlens_k = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
@@ -89,7 +88,8 @@ class MetadataBuilder:
             return StepArgs(num_decodes, every, None, None)
         decodes = prefills = None
         if num_decodes:
-            decode_k = max_k if batch.cuda_graph else int(batch.seq_lens_cpu[:num_decodes].max())
+            # With every row a decode (a graph batch's always are) the batch's bound is theirs, graph-safe as given.
+            decode_k = max_k if num_decodes == num_seqs else int(batch.seq_lens_cpu[:num_decodes].max())
             decodes = Rows(
                 batch.query_start_loc[: num_decodes + 1], batch.seq_lens[:num_decodes], None,
                 batch.block_tables[:num_decodes], 1, decode_k,

@@ -12,8 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, hookimpl
-from novainfer_flashinfer.checks import parse_options, unavailable_reason
+from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, Settings, hookimpl
+from novainfer_flashinfer.checks import Options, unavailable_reason
 
 
 def _installed_version() -> str | None:
@@ -25,17 +25,21 @@ def _installed_version() -> str | None:
         return None
 
 
-def _unavailable() -> str | None:
+def _unavailable(settings: Settings | None = None) -> str | None:
+    # No option needs anything the others do not.
     cuda = torch.cuda.is_available()
     return unavailable_reason(_installed_version(), cuda, torch.cuda.get_device_capability() if cuda else None)
 
 
+def _versions() -> dict[str, str]:
+    installed = _installed_version()
+    return {"flashinfer-python": installed} if installed else {}
+
+
 def _create(context: AttentionContext) -> object:
-    # Options are checked before flashinfer is imported, so a typo fails fast.
-    options = parse_options(context.options)
     from novainfer_flashinfer.backend import FlashInferBackend
 
-    return FlashInferBackend(context, options)
+    return FlashInferBackend(context, context.options)
 
 
 @hookimpl
@@ -44,10 +48,10 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
         BackendSpec(
             name="flashinfer",
             create=_create,
-            capabilities=Capabilities(
-                devices=("cuda",), dtypes=("bfloat16", "float16"), cuda_graphs=True, kv_layout="NHD"
-            ),
+            capabilities=Capabilities(devices=("cuda",), dtypes=("bfloat16", "float16"), cuda_graphs=True),
+            options=Options,
             unavailable=_unavailable,
-            description="FlashInfer paged decode/prefill wrappers; options kv_write, tensor_cores, prefill_backend",
+            versions=_versions,
+            description="FlashInfer paged decode and prefill wrappers",
         )
     )

@@ -9,11 +9,12 @@ metadata.py), uploads them with one copy into a persistent device buffer, and pl
 it needs; plan() reads the small indptr arrays on the host, so planning needs no device sync.
 The per-layer hooks then only launch kernels.
 
-CUDA graphs: a decode batch padded to a bucket goes through a decode wrapper of its own, built with
-``use_cuda_graph=True`` and fixed index buffers, so the captured kernels read the same storage on
-every replay; the engine plans it (prepare_attention_metadata) outside the graph before each
-replay. flashinfer's split-KV choice for such a wrapper depends only on the batch size, so a plan
-for any sequence lengths fits the captured launch.
+CUDA graphs: a decode batch padded to a graph size goes through a decode wrapper of its own, one
+per size of ``AttentionContext.cuda_graph_sizes``, built with ``use_cuda_graph=True`` and fixed
+index buffers, so the captured kernels read the same storage on every replay; the engine plans it
+(prepare_attention_metadata) outside the graph before each replay. flashinfer's split-KV choice for
+such a wrapper depends only on the batch size, so a plan for any sequence lengths fits the captured
+launch. Each wrapper's ``run()`` writes straight into the core's output (``out=``).
 
 Options: see ``novainfer_flashinfer.checks.Options``.
 """
@@ -62,11 +63,7 @@ class FlashInferMetadata:
 
 
 class FlashInferBackend:
-    """Answers the attention hooks for one engine.
-
-    ``attention`` returns a view of one preallocated output buffer, overwritten by the next call:
-    the model consumes it (o_proj) before the next layer, and a step allocates nothing for it.
-    """
+    """Answers the attention hooks for one engine."""
 
     def __init__(self, context: AttentionContext, options: Options) -> None:
         self.context = context
@@ -78,7 +75,9 @@ class FlashInferBackend:
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)  # zeroed: flashinfer asks so
         self.decode = DecodeWrapper(self.workspace, KV_LAYOUT, use_tensor_cores=self.tensor_cores)
         self.prefill = PrefillWrapper(self.workspace, KV_LAYOUT, backend=options.prefill_backend)
-        self.graph_decodes: dict[int, DecodeWrapper] = {}  # by bucket size
+        # One per graph size where graph batches will come, first planned at capture (outside the graph).
+        sizes = context.cuda_graph_sizes if context.cuda_graphs else ()
+        self.graph_decodes = {size: self._graph_decode(size) for size in sizes}
         # Decode wrappers whose later plans go through _fast_plan_decode (each planned once by plan()).
         self.fast_planned: set[int] = set()
         self.fast_plan = options.decode_plan == "fast" and self.tensor_cores
@@ -87,19 +86,14 @@ class FlashInferBackend:
         self.rows_device = self.rows_host.to(device)
         self.kv_lens_host = torch.zeros(context.max_num_seqs, dtype=torch.int32)
         self.append = options.kv_write == "append"
-        size = staging_size(
-            context.max_num_seqs,
-            context.max_num_batched_tokens if self.append else 0,
-            context.max_num_seqs * self.width,
-        )
+        # A graph batch has a token per sequence of its size, which may pass the token budget.
+        max_tokens = max(context.max_num_batched_tokens, context.max_num_seqs)
+        size = staging_size(context.max_num_seqs, max_tokens if self.append else 0, context.max_num_seqs * self.width)
         # Pinned, so the upload and plan()'s own copies out of it are asynchronous.
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
         self.host_np = self.host.numpy()
         self.device_indices = torch.zeros(size, dtype=torch.int32, device=device)
         self.staged = torch.cuda.Event()  # the last step's copies out of self.host are done
-        self.out = torch.empty(
-            context.max_num_batched_tokens, context.num_q_heads, context.head_dim, dtype=context.dtype, device=device
-        )
         dtype = str(context.dtype).removeprefix("torch.")
         self.decode_variant = ("decode", dtype, context.head_dim, "tensor_cores" if self.tensor_cores else "cuda_cores")
         self.prefill_variant = ("prefill", dtype, context.head_dim, options.prefill_backend)
@@ -227,20 +221,16 @@ class FlashInferBackend:
         )
         self.variants.add(self.prefill_variant)
 
-    def _graph_decode(self, bucket: int) -> DecodeWrapper:
-        """The decode wrapper for a CUDA-graph bucket, built on first use (at capture) with fixed buffers."""
-        wrapper = self.graph_decodes.get(bucket)
-        if wrapper is None:
-            device = self.context.device
-            wrapper = DecodeWrapper(
-                self.workspace, KV_LAYOUT, use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
-                paged_kv_indptr_buffer=torch.zeros(bucket + 1, dtype=torch.int32, device=device),
-                # No sequence of the bucket has more than `width` blocks.
-                paged_kv_indices_buffer=torch.zeros(bucket * self.width, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.zeros(bucket, dtype=torch.int32, device=device),
-            )
-            self.graph_decodes[bucket] = wrapper
-        return wrapper
+    def _graph_decode(self, size: int) -> DecodeWrapper:
+        """The decode wrapper for the graph batches of one size, with fixed buffers."""
+        device = self.context.device
+        return DecodeWrapper(
+            self.workspace, KV_LAYOUT, use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+            paged_kv_indptr_buffer=torch.zeros(size + 1, dtype=torch.int32, device=device),
+            # No sequence of the batch has more than `width` blocks.
+            paged_kv_indices_buffer=torch.zeros(size * self.width, dtype=torch.int32, device=device),
+            paged_kv_last_page_len_buffer=torch.zeros(size, dtype=torch.int32, device=device),
+        )
 
     @hookimpl
     def cuda_graph_unsupported(self) -> str | None:
@@ -264,7 +254,7 @@ class FlashInferBackend:
         last_page_len = host[step.last_page_len]
         decode = prefill = None
         if num_decodes:
-            decode = self._graph_decode(batch.num_seqs) if batch.cuda_graph else self.decode
+            decode = self.graph_decodes[batch.num_seqs] if batch.cuda_graph else self.decode
             indptr_host = host[step.indptr][: num_decodes + 1]
             if id(decode) in self.fast_planned:
                 self._fast_plan_decode(
@@ -305,19 +295,19 @@ class FlashInferBackend:
 
     @hookimpl
     def attention(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: FlashInferMetadata, scale: float
-    ) -> torch.Tensor:
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: FlashInferMetadata, scale: float,
+        output: torch.Tensor,
+    ) -> bool:
         if scale != self.scale:
             # The wrappers were planned with head_dim ** -0.5; flashinfer takes the scale at plan time.
             raise BackendError(f"flashinfer: planned with softmax scale {self.scale}, asked for {scale}")
-        out = self.out[: query.shape[0]]
         kv = kv_cache.unbind(0)
         num_decodes = metadata.num_decodes
         if metadata.decode is not None:
-            metadata.decode.run(query[:num_decodes], kv, out=out[:num_decodes])
+            metadata.decode.run(query[:num_decodes], kv, out=output[:num_decodes])
         if metadata.prefill is not None:
-            metadata.prefill.run(query[num_decodes:], kv, out=out[num_decodes:])
-        return out
+            metadata.prefill.run(query[num_decodes:], kv, out=output[num_decodes:])
+        return True
 
     @hookimpl
     def backend_counters(self) -> dict[str, int]:
@@ -329,7 +319,8 @@ class FlashInferBackend:
         flashinfer_jit_modules: modules flashinfer has generated in this process, by anyone: each
             was JIT-compiled (or loaded from its cache) right after. Observed from flashinfer's
             JIT registry; absent on a flashinfer without one.
-        flashinfer_graph_wrappers: decode wrappers built for CUDA-graph buckets (one per bucket, at capture).
+        flashinfer_graph_wrappers: decode wrappers built for CUDA-graph batches (one per graph size, at
+            creation, when the engine runs in CUDA graphs).
         """
         counters = {
             "flashinfer_kernel_variants": len(self.variants),

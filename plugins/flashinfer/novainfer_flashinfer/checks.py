@@ -1,4 +1,4 @@
-"""What must hold before the flashinfer backend is built: valid options, and a machine it runs on.
+"""What must hold before the flashinfer backend is built: its options' types, and a machine it runs on.
 
 Pure functions of plain values, so they import neither flashinfer nor CUDA and are tested on any
 machine; ``novainfer_flashinfer.__init__`` gathers the facts they judge.
@@ -7,24 +7,19 @@ machine; ``novainfer_flashinfer.__init__`` gathers the facts they judge.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
-from typing import Any
-
-from novainfer.backend_api import BackendError
+from dataclasses import dataclass
+from typing import Literal
 
 # The oldest flashinfer-python release this plugin was checked against.
 MIN_VERSION = (0, 6, 13)
 # flashinfer's paged kernels need Ampere (sm80) or newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
-KV_WRITES = ("native", "append")
-PREFILL_BACKENDS = ("auto", "fa2", "fa3")
-DECODE_PLANS = ("fast", "wrapper")
-
 
 @dataclass(frozen=True)
 class Options:
-    """The backend's options (``backend_options`` in the engine config), each an A/B axis.
+    """The backend's options (``backend_options`` in the engine config), each an A/B axis; the core parses
+    the arm's table into this type (unknown names and values are errors naming the valid ones).
 
     kv_write: "native" lets the core's indexed scatter write the cache; "append" writes it with
         flashinfer.append_paged_kv_cache.
@@ -40,33 +35,10 @@ class Options:
         takes plan().
     """
 
-    kv_write: str = "native"
-    tensor_cores: bool | str = "auto"
-    prefill_backend: str = "auto"
-    decode_plan: str = "fast"
-
-
-def parse_options(options: dict[str, Any]) -> Options:
-    """The options, checked; a BackendError names the valid names and values."""
-    known = [f.name for f in fields(Options)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise BackendError(f"flashinfer: unknown backend option(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    parsed = Options(**options)
-    if parsed.kv_write not in KV_WRITES:
-        raise BackendError(f"flashinfer: kv_write must be one of {', '.join(KV_WRITES)}, got {parsed.kv_write!r}")
-    if parsed.tensor_cores != "auto" and not isinstance(parsed.tensor_cores, bool):
-        raise BackendError(f"flashinfer: tensor_cores must be true, false or \"auto\", got {parsed.tensor_cores!r}")
-    if parsed.decode_plan not in DECODE_PLANS:
-        raise BackendError(
-            f"flashinfer: decode_plan must be one of {', '.join(DECODE_PLANS)}, got {parsed.decode_plan!r}"
-        )
-    if parsed.prefill_backend not in PREFILL_BACKENDS:
-        raise BackendError(
-            f"flashinfer: prefill_backend must be one of {', '.join(PREFILL_BACKENDS)}, "
-            f"got {parsed.prefill_backend!r}"
-        )
-    return parsed
+    kv_write: Literal["native", "append"] = "native"
+    tensor_cores: bool | Literal["auto"] = "auto"
+    prefill_backend: Literal["auto", "fa2", "fa3"] = "auto"
+    decode_plan: Literal["fast", "wrapper"] = "fast"
 
 
 def use_tensor_cores(option: bool | str, num_q_heads: int, num_kv_heads: int) -> bool:

@@ -15,15 +15,12 @@ import torch
 
 from novainfer.backend_api import (
     AttentionContext,
-    BackendError,
     StepBatch,
     core_attention,
     core_attention_metadata,
     hookimpl,
 )
-
-KERNELS = ("auto", "triton", "torch")
-OPTIONS = ("kernels",)
+from novainfer_native import Options
 
 
 @dataclass(frozen=True)
@@ -34,25 +31,21 @@ class TritonMetadata:
     prefill_max_query_len: int
 
 
-def resolve_kernels(options: dict[str, Any], device: torch.device) -> str:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise BackendError(f"native: unknown backend option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    kernels = options.get("kernels", "auto")
-    if kernels not in KERNELS:
-        raise BackendError(f"native: kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
-    if kernels == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
-    if kernels == "triton" and not has_triton:
-        raise BackendError("native: kernels='triton' but triton is not installed")
-    return kernels
+def resolve_kernels(options: Options, device: torch.device) -> str:
+    """The kernels the option picks on `device`: "auto" is Triton on CUDA where triton is installed. (That
+    "triton" needs triton installed is the registry's to check first: novainfer_native.unavailable.)"""
+    if options.kernels != "auto":
+        return options.kernels
+    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
 
 
 class NativeBackend:
     def __init__(self, context: AttentionContext) -> None:
         self.context = context
-        self.kernels = resolve_kernels(context.options, context.device)
+        # A backend built on native's hooks under a name of its own (a test's, an adversary's) declares no
+        # options of its own: it runs native's defaults.
+        options = context.options if isinstance(context.options, Options) else Options()
+        self.kernels = resolve_kernels(options, context.device)
         if self.kernels == "triton":
             from novainfer_native import triton_ops
 
@@ -125,19 +118,21 @@ class NativeBackend:
         return True
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
         if not isinstance(metadata, TritonMetadata):
-            return core_attention(query, kv_cache, metadata, scale)
-        out = torch.empty_like(query)
+            core_attention(query, kv_cache, metadata, scale, output)
+            return True
         b, nd = metadata.batch, metadata.batch.num_decodes
         if nd:
             self.ops.paged_decode_attention(
-                query[:nd], kv_cache, b.block_tables, b.seq_lens, scale, out[:nd],
+                query[:nd], kv_cache, b.block_tables, b.seq_lens, scale, output[:nd],
                 workspace=self.workspace, num_splits=metadata.num_splits,
             )
         if metadata.prefill_query_start is not None:
             self.ops.paged_prefill_attention(
                 query, kv_cache, b.block_tables[nd:], metadata.prefill_query_start, b.seq_lens[nd:],
-                metadata.prefill_max_query_len, scale, out,
+                metadata.prefill_max_query_len, scale, output,
             )
-        return out
+        return True

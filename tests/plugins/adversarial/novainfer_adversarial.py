@@ -10,7 +10,7 @@ slow-but-right:          right, and 20 ms slower per step: an honest backend a s
 wrong-in-first-engine:   zeros in every step of the process's first instance only (the timed engine is built first).
 wrong-after-24-steps:    zeros once the process has run more than 24 steps of it, over all its instances.
 wrong-with-large-cache:  zeros when the engine's KV cache has more than 32 blocks; right in small caches.
-wrong-unless-checked:    zeros unless a module named novainfer.ab.gate* is on the call stack (the gate).
+wrong-unless-checked:    zeros unless a module named novainfer.ab.trial.gate* is on the call stack (the gate).
 wrong-every-12th-step:   zeros in every 12th step of the process (12, 24, 36, ...), over all its instances.
 wrong-at-max-seqs:       zeros in decode-only steps whose real sequences number exactly max_num_seqs.
 wrong-in-row-3:          zeros row 3 only (the 4th decode) of decode-only steps of at least 4 sequences.
@@ -38,7 +38,7 @@ LARGE_CACHE_BLOCKS = 32
 WRONG_EVERY_STEPS = 12
 WRONG_ROW = 3
 WRONG_SEQ_LENS = range(39, 47)
-CHECKER_MODULE = "novainfer.ab.gate"
+CHECKER_MODULE = "novainfer.ab.trial.gate"
 UNIFORM_ERROR = 1.006
 
 # Process-wide state, on purpose: these fixtures cheat by behaving differently in different engines
@@ -65,11 +65,13 @@ class Adversary(NativeBackend):
         return WithBatch(super().prepare_attention_metadata(batch=batch), batch)
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
-        out = super().attention(query=query, kv_cache=kv_cache, metadata=metadata.native, scale=scale)
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
+        super().attention(query=query, kv_cache=kv_cache, metadata=metadata.native, scale=scale, output=output)
         for start, end in self.wrong_rows(metadata.batch):
-            out[start:end] = 0
-        return out
+            output[start:end] = 0
+        return True
 
 
 def _sequences(batch: StepBatch) -> list[tuple[int, int, int, int]]:
@@ -96,9 +98,13 @@ class WrongPastKeys(Adversary):
 
 class WrongInGraphs(NativeBackend):
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
-        out = super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale)
-        return out * 0.5 if torch.cuda.is_current_stream_capturing() else out
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
+        super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale, output=output)
+        if torch.cuda.is_current_stream_capturing():
+            output.mul_(0.5)
+        return True
 
 
 class SlowButRight(NativeBackend):
@@ -109,8 +115,8 @@ class SlowButRight(NativeBackend):
 
 
 def _decode_only(batch: StepBatch) -> bool:
-    """Whether the step holds decodes only: a graph batch's padding rows are dummy decodes, not prefills."""
-    return batch.cuda_graph or not batch.num_prefills
+    """Whether the step holds decodes only (a graph batch always does: its padding rows are dummy decodes)."""
+    return not batch.num_prefills
 
 
 def _called_from(prefix: str) -> bool:
@@ -189,7 +195,7 @@ class WrongAtMaxSeqs(Adversary):
     """Wrong in decode-only steps that hold exactly max_num_seqs real sequences, the full batch."""
 
     def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
-        full = _decode_only(batch) and batch.num_decodes == self.context.max_num_seqs
+        full = _decode_only(batch) and batch.num_actual_seqs == self.context.max_num_seqs
         return [(0, batch.num_tokens)] if full else []
 
 
@@ -197,7 +203,7 @@ class WrongInRow(Adversary):
     """Wrong in one row only, the 4th decode's, so a check of a step's first rows or its mean misses it."""
 
     def wrong_rows(self, batch: StepBatch) -> list[tuple[int, int]]:
-        if _decode_only(batch) and batch.num_decodes > WRONG_ROW:
+        if _decode_only(batch) and batch.num_actual_seqs > WRONG_ROW:
             return [(WRONG_ROW, WRONG_ROW + 1)]
         return []
 
@@ -213,9 +219,12 @@ class SmallUniformError(NativeBackend):
     """Every output 0.6% too large: no row stands out, and a loose tolerance passes it."""
 
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
-        out = super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale)
-        return out * UNIFORM_ERROR
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
+        super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale, output=output)
+        output.mul_(UNIFORM_ERROR)
+        return True
 
 
 def _patch_outputs(change: Callable[[list[RequestOutput]], list[RequestOutput]]) -> None:

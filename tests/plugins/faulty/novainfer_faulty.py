@@ -17,21 +17,29 @@ from novainfer_native.backend import NativeBackend
 
 class Raises(NativeBackend):
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
         raise RuntimeError("injected attention failure")
 
 
 class Hangs(NativeBackend):
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
         while True:
             time.sleep(1)
 
 
 class Wrong(NativeBackend):
     @hookimpl
-    def attention(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float) -> torch.Tensor:
-        return super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale) * 1.05
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, scale: float, output: torch.Tensor
+    ) -> bool:
+        super().attention(query=query, kv_cache=kv_cache, metadata=metadata, scale=scale, output=output)
+        output.mul_(1.05)
+        return True
 
 
 @hookimpl
