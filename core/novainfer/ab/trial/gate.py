@@ -153,11 +153,11 @@ class GateReport:
         for kind in kinds:
             cov = self.coverage[kind]
             cov.checked += 1
-            cov.max_rel_err = _worse(cov.max_rel_err, worst)
-            cov.floor_rel_err = _worse(cov.floor_rel_err, floor)
-        self.max_rel_err = _worse(self.max_rel_err, worst)
-        self.floor_rel_err = _worse(self.floor_rel_err, floor)
-        if self.steps == 0 or _is_worse(ratio, self.worst_ratio):
+            cov.max_rel_err = worse(cov.max_rel_err, worst)
+            cov.floor_rel_err = worse(cov.floor_rel_err, floor)
+        self.max_rel_err = worse(self.max_rel_err, worst)
+        self.floor_rel_err = worse(self.floor_rel_err, floor)
+        if self.steps == 0 or is_worse(ratio, self.worst_ratio):
             self.worst_ratio, self.worst_allowed = ratio, allowed
             self.worst_step, self.worst_kinds = step_index, kinds
         self.steps += 1
@@ -313,10 +313,10 @@ def _max(errors: torch.Tensor) -> float:
     return math.nan if errors.isnan().any() else float(errors.max())
 
 
-def _is_worse(new: float, old: float) -> bool:
+def is_worse(new: float, old: float) -> bool:
     """Whether error `new` is worse than `old`; NaN is the worst of all (a NaN row must fail the gate)."""
     return (math.isnan(new) and not math.isnan(old)) or new > old
 
 
-def _worse(a: float, b: float) -> float:
-    return b if _is_worse(b, a) else a
+def worse(a: float, b: float) -> float:
+    return b if is_worse(b, a) else a

@@ -40,8 +40,13 @@ import time
 from importlib.metadata import entry_points
 from typing import Any
 
+import torch
+
+from novainfer import LLM
+from novainfer.ab.trial.gate import is_worse, worse
 from novainfer.ab.wire import OutputCheck
 from novainfer.config import EngineConfig
+from novainfer.engine import resolve_device, resolve_dtype
 
 # Logits of at most this many elements (float32) are held at once per engine: bounds the check's memory.
 _LOGITS_ELEMENTS = 1 << 27
@@ -51,13 +56,6 @@ def check_outputs(
     config: EngineConfig, prompts: list[list[int]], outputs: list[list[int]], floor_margin: float
 ) -> OutputCheck:
     """Check every token of `outputs` (request i's produced tokens after prompts[i]) against the reference."""
-    # torch only here: the sweep process reads OutputCheck reports without it.
-    import torch
-
-    from novainfer import LLM
-    from novainfer.ab.trial.gate import _is_worse, _worse
-    from novainfer.engine import resolve_device, resolve_dtype
-
     started = time.perf_counter()
     report = OutputCheck(tokens_produced=sum(len(o) for o in outputs))
     todo = [i for i, out in enumerate(outputs) if out]
@@ -94,7 +92,7 @@ def check_outputs(
         ):
             if floor_rows != rows:
                 raise RuntimeError("the reference and floor engines scheduled different rows")
-            floor_delta = _worse(floor_delta, float((got.float() - want).abs().amax()))
+            floor_delta = worse(floor_delta, float((got.float() - want).abs().amax()))
             produced = torch.tensor([sequences[i][p + 1] for i, p in rows], device=want.device)
             top, top_token = want.max(dim=-1)
             gap = top - want.gather(1, produced.unsqueeze(1)).squeeze(1)
@@ -107,7 +105,7 @@ def check_outputs(
         ratio = torch.where(gap.isnan(), math.nan, ratio)
         report.tokens_outside += int((~(ratio <= 1.0)).sum())
         worst = int(ratio.nan_to_num(math.inf).argmax())
-        if _is_worse(float(ratio[worst]), report.worst_ratio) or report.worst_request < 0:
+        if is_worse(float(ratio[worst]), report.worst_ratio) or report.worst_request < 0:
             i, position = rows[worst]
             report.worst_ratio, report.worst_gap = float(ratio[worst]), float(gap[worst])
             report.worst_request, report.worst_position = todo[i], position + 1 - starts[i]
