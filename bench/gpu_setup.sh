@@ -10,9 +10,29 @@ for dir in ${NOVA_WHEELS:-.whl}; do
         [ -e "$packed" ] && tar xJf "$packed" -C /tmp/site
     done
 done
+# A .pth file is read only in site directories, not on PYTHONPATH: the CUTLASS DSL's goes here by hand. Set before
+# our own builds, so that a setuptools carried in .whl is the one that builds them.
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
+# Our pyproject files state their licence as a PEP 639 expression, which setuptools reads from 77 on.
+if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+    echo "gpu_setup.sh: building our distributions needs setuptools 77 or newer, the image has" \
+        "$(python3 -c 'import setuptools; print(setuptools.__version__)'): carry setuptools==80.9.0 in .whl" >&2
+    return 1 2>/dev/null || exit 1  # sourced, as the device runs do, or run
+fi
 # --upgrade: a warm machine keeps /tmp/site, and without it pip leaves the last call's copy of our code.
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site \
     . plugins/*/
-# A .pth file is read only in site directories, not on PYTHONPATH: the CUTLASS DSL's goes here by hand.
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
+# pip check: the installs above take --no-deps (the carry is all the device gets), so nothing has asked whether the
+# set fits together. A version our distributions do not admit (a carried flashinfer or cudnn-frontend other than the
+# one a plugin was measured with, a torch outside the core's range) stops the run here, before any trial. A library
+# missing altogether only makes its backend unavailable (`nova-ab backends` and the sweep say so), and conflicts
+# among other packages (flashinfer 0.6.13 asks for a newer CUTLASS DSL than the .fa4 carry's) are the carry's known
+# compromises (bench/RESULTS.md): those are printed and let through.
+if ! python3 -m pip check > /tmp/pip-check.txt 2>&1; then
+    sed 's/^/pip check: /' /tmp/pip-check.txt >&2
+    if grep -E '^novainfer(-plugin-[a-z0-9-]+)? [^ ]+ has requirement ' /tmp/pip-check.txt > /dev/null; then
+        echo "gpu_setup.sh: a carried wheel is a version our distributions do not admit (pip check, above)" >&2
+        return 1 2>/dev/null || exit 1  # sourced, as the device runs do, or run
+    fi
+fi
 set +e

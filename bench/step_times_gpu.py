@@ -6,7 +6,10 @@ the device time of one CUDA-graph replay of the decode bucket the run used most 
 decode step is host work), and a torch.profiler table of the CPU time by op of one eager prefill step
 of the workload. For diagnosis, not for numbers: the sweep's trials are the numbers.
 
-    python bench/step_times_gpu.py experiments/kv_layout.toml [native]
+    python bench/step_times_gpu.py experiments/kv_layout.toml [native] [--async on|off]
+
+Each step's host work (schedule, prepare, launch, update: StepStats.host_s) and the share of it that ran while the
+step before was still on the GPU (hidden_s) are printed by class: prefill-carrying steps and decode steps.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", type=Path)
     parser.add_argument("backend", nargs="?", default="native")
+    parser.add_argument("--async", dest="overlap", choices=("on", "off"), default="on")
     args = parser.parse_args()
     experiment = load_experiment(args.experiment)
-    llm = LLM(**{**experiment.engine.to_dict(), "backend": args.backend, "cuda_graphs": True})
+    settings = {"backend": args.backend, "cuda_graphs": True, "async_scheduling": args.overlap == "on"}
+    llm = LLM(**{**experiment.engine.to_dict(), **settings})
     prompts, lens = experiment.workload.prompts(), experiment.workload.output_lens()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
     llm.generate(prompts, params)
@@ -74,6 +79,15 @@ def main() -> None:
             f"decode steps: {len(decode)}, median {statistics.median(decode):.3f} ms, "
             f"p90 {decode[int(0.9 * len(decode))]:.3f} ms, {sum(decode):.1f} ms in all"
         )
+    print(f"async_scheduling {args.overlap}: host work per step, median ms (hidden behind the GPU: share of the sum)")
+    for name, steps in (("prefill", [s for s in stats if s.num_prefill_tokens]),
+                        ("decode", [s for s in stats if not s.num_prefill_tokens])):
+        if steps:
+            parts = {k: statistics.median(getattr(s, k) for s in steps) * 1e3
+                     for k in ("schedule_s", "prepare_s", "launch_s", "update_s", "wait_s")}
+            hidden = sum(s.hidden_s for s in steps) / max(sum(s.host_s for s in steps), 1e-12)
+            print(f"  {name:8} host {statistics.median(s.host_s for s in steps) * 1e3:.3f} "
+                  + " ".join(f"{k[:-2]} {v:.3f}" for k, v in parts.items()) + f" hidden {hidden:.0%}")
     for bucket, count in buckets.most_common(3):
         print(f"graph replay of bucket {bucket} ({count} steps): {replay_ms(llm, bucket):.3f} ms device time")
 
@@ -84,7 +98,7 @@ def main() -> None:
         llm.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40))
-    while llm.scheduler.has_unfinished():
+    while llm.has_unfinished():
         llm.step()
 
 

@@ -2,8 +2,8 @@
 
     python docs/screenshot_mlflow.py [--out docs/mlflow-runs.png]
 
-In a temporary folder (a store of its own) it runs `nova-ab sweep experiments/smoke.toml`, starts `mlflow ui`
-there on a free port, opens the comparison link the sweep printed, and saves what Chromium renders. Needs
+In a temporary folder (a store of its own) it runs `nova-ab sweep experiments/smoke.toml`, then `nova-ab ui`
+there on a free port, opens the comparison link that printed, and saves what Chromium renders. Needs
 Chromium (Debian: `apt-get install chromium`).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -60,24 +61,29 @@ def main() -> None:
             [sys.executable, "-m", "novainfer.ab.sweep.cli", "sweep", str(SMOKE)], cwd=tmp, env=env,
             capture_output=True, text=True, check=True,
         )
-        link = re.search(r"http://\S+#(/experiments/\S+)", sweep.stdout)
-        if link is None:
-            raise SystemExit(f"the sweep printed no comparison link:\n{sweep.stdout[-2000:]}")
+        if "nova-ab ui" not in sweep.stdout and "cli ui" not in sweep.stdout:
+            raise SystemExit(f"the sweep printed no way to its comparison:\n{sweep.stdout[-2000:]}")
         port = free_port()
+        # What the sweep tells its user to run: MLflow's UI on this store, and the sweep's link once it answers.
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "novainfer.ab.sweep.cli", "ui", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         try:
+            assert server.stdout is not None
+            printed = server.stdout.readline() + server.stdout.readline()
+            link = re.search(r"(http://\S+#/experiments/\S+)", printed)
+            if link is None:
+                raise SystemExit(f"nova-ab ui printed no comparison link:\n{printed}")
             wait_for(f"http://127.0.0.1:{port}/health", timeout_s=90)
-            url = f"http://127.0.0.1:{port}/#{link.group(1).rstrip('`')}"
+            url = link.group(1)
             subprocess.run(
                 [args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/chromium", f"--window-size={args.size}",
                  "--virtual-time-budget=30000", f"--screenshot={args.out.resolve()}", url],
                 check=True, capture_output=True, timeout=120,
             )
         finally:
-            server.terminate()
+            server.send_signal(signal.SIGINT)  # as Ctrl-C: `nova-ab ui` stops its MLflow server too
             server.wait(timeout=30)
     print(f"{args.out}: {url}")
 

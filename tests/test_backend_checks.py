@@ -8,6 +8,7 @@ flash-attn 2 block-size rule the sweep must apply on a machine that has no Flash
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,15 @@ from test_sweep import nova_ab
 from novainfer import LLM, SamplingParams
 from novainfer.ab.wire import GateSettings, TrialRequest
 from novainfer.ab.workload import Workload
-from novainfer.backend_api import AttentionContext, BackendError, BackendSpec, Capabilities, Settings, hookimpl
+from novainfer.backend_api import (
+    CONTRACT_VERSION,
+    AttentionContext,
+    BackendError,
+    BackendSpec,
+    Capabilities,
+    Settings,
+    hookimpl,
+)
 from novainfer.backend_options import parse_options
 from novainfer.config import EngineConfig
 from novainfer.plugins import discover_backends
@@ -109,6 +118,15 @@ def test_settings_a_backend_does_not_take_are_file_errors_before_any_trial(
         assert not (tmp_path / ".nova-ab").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="its hint shows without FlashAttention")
+def test_backends_table_shows_an_install_hint_with_its_brackets(tmp_path: Path, flashattn_site: Path) -> None:
+    table = nova_ab(tmp_path, "backends", env=with_sites(flashattn_site))
+    assert table.returncode == 0, table.stderr
+    # The "here" column is the table's last: its cells, joined across the lines a long one wraps onto.
+    here = " ".join(line.split("│")[-2].strip() for line in table.stdout.splitlines() if line.count("│") > 2)
+    assert "(pip install 'novainfer-plugin-flashattn[fa4]' for Hopper/Blackwell" in " ".join(here.split())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the verdicts below are a CPU machine's")
 def test_dry_run_says_per_arm_whether_it_runs_here_in_seconds(tmp_path: Path, flashattn_site: Path) -> None:
     axes = '{ backend = ["native", "flashattn", "flashinfer"], block_size = [256] }'
@@ -118,11 +136,15 @@ def test_dry_run_says_per_arm_whether_it_runs_here_in_seconds(tmp_path: Path, fl
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     arms = [line for line in result.stdout.splitlines() if line.startswith("  arm ")]
+    try:  # whether flashinfer's plugin is installed here is the machine's business; either way it is skipped
+        distribution("novainfer-plugin-flashinfer")
+        flashinfer = "flashinfer: runs on cuda, not cpu (device auto is cpu here)"
+    except PackageNotFoundError:
+        flashinfer = "backend 'flashinfer' is not installed (pip install novainfer-plugin-flashinfer)"
     assert arms == [
         "  arm native: runs here",
         "  arm flashattn: skipped here: flashattn: runs on cuda, not cpu (device auto is cpu here)",
-        "  arm flashinfer: skipped here: backend 'flashinfer' is not installed (pip install "
-        "novainfer-plugin-flashinfer)",
+        f"  arm flashinfer: skipped here: {flashinfer}",
     ]
     # One process judges every arm: the dry run costs about a torch import, not one per arm.
     print(f"dry run of 3 arms: {seconds:.2f} s")
@@ -248,7 +270,11 @@ class EchoPlugin:
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
         caps = Capabilities(devices=("cpu",), dtypes=("float32",))
-        register(BackendSpec("echo", self.create, caps, options=EchoOptions, check=self.check))
+        register(
+            BackendSpec(
+                "echo", self.create, caps, options=EchoOptions, check=self.check, contract_version=CONTRACT_VERSION
+            )
+        )
 
 
 def test_the_backend_is_created_with_its_parsed_options_or_not_at_all() -> None:
@@ -295,7 +321,15 @@ class DeclaresOptions:
 
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
-        register(BackendSpec("declares", object, Capabilities(("cpu",), ("float32",)), options=self.options))
+        register(
+            BackendSpec(
+                "declares",
+                object,
+                Capabilities(("cpu",), ("float32",)),
+                options=self.options,
+                contract_version=CONTRACT_VERSION,
+            )
+        )
 
 
 @pytest.mark.parametrize(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from test_sweep import SMOKE, client, ledger_records, nova_ab, runs, wait_for_first_trial, write_experiment
 
 from novainfer.ab.sweep.executor import _signal_name
+from novainfer.ab.sweep.outcome import EXIT_TRIALS_FAILED
 
 
 def test_bare_nova_ab_prints_help_and_version_says_the_version() -> None:
@@ -45,17 +48,33 @@ def test_backends_stay_whole_when_piped(tmp_path: Path) -> None:
 
 def test_dry_run_names_the_sweep_as_the_run_will_and_says_what_is_skipped(tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "dry.toml", ["native", "flashinfer"], 1, 60)
+    # device "auto": with flashinfer's plugin installed, a "cpu" engine would be a file error (it runs on CUDA only).
+    exp.write_text(exp.read_text().replace('device = "cpu"', 'device = "auto"'))
     dry = nova_ab(tmp_path, "sweep", str(exp), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     first = dry.stdout.splitlines()[0]
     assert first.startswith("sweep dry #1 · ")
     lines = dry.stdout.splitlines()
     assert "  arm native: runs here" in lines
-    flashinfer = next(line for line in lines if line.startswith("  arm flashinfer: skipped here: "))
-    assert "pip install novainfer-plugin-flashinfer" in flashinfer
+    # Whether flashinfer is installed is the machine's business: not installed, its arm says what to install;
+    # installed, it runs here or says why not (on a CPU: it runs on CUDA only).
+    flashinfer = next(line for line in lines if line.startswith("  arm flashinfer: "))
+    try:
+        distribution("novainfer-plugin-flashinfer")
+    except PackageNotFoundError:
+        assert flashinfer.startswith("  arm flashinfer: skipped here: ")
+        assert "pip install novainfer-plugin-flashinfer" in flashinfer
+    else:
+        assert flashinfer == "  arm flashinfer: runs here" or (
+            "pip install novainfer-plugin-flashinfer" not in flashinfer and "skipped here: flashinfer: " in flashinfer
+        )
     assert not (tmp_path / ".nova-ab").exists()  # a dry run writes nothing
     real = nova_ab(tmp_path, "sweep", str(exp))
-    assert real.returncode == 0, real.stderr
+    skipped = any(line.startswith("  arm flashinfer: skipped here") for line in lines)
+    # An arm that cannot run here is no result: exit 3 (novainfer.ab.sweep.outcome), and the table says why.
+    assert real.returncode == (EXIT_TRIALS_FAILED if skipped else 0), real.stderr
+    if skipped:
+        assert "skipped: " in real.stdout and "exit 3:" in real.stdout
     sweep_name = first.removeprefix("sweep ").split(":")[0]
     parents, _ = runs(tmp_path, "nova-ab")
     assert [p.info.run_name for p in parents] == [sweep_name]
@@ -72,9 +91,11 @@ def test_compare_formats_and_writes_a_png_only_when_asked(tmp_path: Path) -> Non
     as_json = nova_ab(tmp_path, "compare", "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
     rows = json.loads(as_json.stdout)
-    assert rows[0]["arm"] == "backend=native,max_num_batched_tokens=64" and rows[0]["baseline"]
+    assert rows[0]["arm"] == "bt=64" and rows[0]["baseline"]  # one name per arm, as in MLflow and the table
+    assert rows[0]["settings"] == "backend=native,max_num_batched_tokens=64"
+    assert rows[0]["sweep"] == parent.info.run_name
     as_csv = nova_ab(tmp_path, "compare", "--format", "csv")
-    assert as_csv.stdout.splitlines()[0].startswith("arm,baseline,measured,trials,median_tok_s")
+    assert as_csv.stdout.splitlines()[0].startswith("sweep,arm,baseline,measured,trials,median_tok_s")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # compare wrote nothing
     assert {a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)} == artifacts
     out = tmp_path / "plots" / "cmp.png"
@@ -98,12 +119,17 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> Non
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     (line,) = stderr.strip().splitlines()
-    assert line.endswith(f"resume with: nova-ab sweep {exp} --resume"), line
+    # The command as this shell reaches nova-ab (here run as a module), to run as printed.
+    assert line.endswith(f"-m novainfer.ab.sweep.cli sweep {exp} --resume"), line
+    printed = line.split("resume with: ")[1]
     done = len(ledger_records(tmp_path))
     assert 1 <= done < 4
     parents, _ = runs(tmp_path, "nova-ab")
     assert [p.info.status for p in parents] == ["KILLED"]
-    resumed = nova_ab(tmp_path, "sweep", str(exp), "--resume")
+    resumed = subprocess.run(
+        shlex.split(printed), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert sorted(r["trial_id"] for r in ledger_records(tmp_path)) == [f"backend=native#{i}" for i in range(4)]
     parents, children = runs(tmp_path, "nova-ab")

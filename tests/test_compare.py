@@ -133,16 +133,70 @@ def _t_interval_of_mean(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values) - half, statistics.fmean(values) + half
 
 
-def test_interval_stays_positive_at_two_repeats() -> None:
-    values = [4000.0, 700.0]
-    assert _t_interval_of_mean(values)[0] < 0  # the old interval: negative throughput
+def test_interval_stays_positive_and_two_repeats_give_the_range_instead() -> None:
+    values = [4000.0, 700.0, 1500.0]
+    assert _t_interval_of_mean(values)[0] < 0  # the interval of the plain mean: negative throughput
     summaries = summarize(_trials(BASE, BASE_VALUES) + _trials("wild", values), BASE)
     wild = _by_arm(summaries)["wild"]
     assert wild.ci == pytest.approx(_geometric_interval_by_hand(values))
     assert wild.ci is not None and 0 < wild.ci[0] < wild.ci[1]
     speed_axis = figure(summaries).axes[0]
     assert speed_axis.get_xlim()[0] == 0
-    assert speed_axis.get_xlim()[1] > wild.ci[1]  # the whole whisker is in view
+    # Past twice the fastest trial the whisker is cut at the axis' edge: the axis follows the data.
+    assert wild.ci[1] > 2 * 4000.0 and speed_axis.get_xlim()[1] == pytest.approx(1.4 * 4000.0)
+    near = summarize(_trials(BASE, BASE_VALUES) + _trials("near", [1100.0, 1000.0, 1200.0]), BASE)
+    near_ci = _by_arm(near)["near"].ci
+    assert near_ci is not None and figure(near).axes[0].get_xlim()[1] > near_ci[1]  # within twice: all in view
+
+    # Two repeats: t(0.975, 1) = 12.7 makes the interval span orders of magnitude; the range stands instead.
+    two = [4000.0, 700.0]
+    assert _geometric_interval_by_hand(two)[1] / _geometric_interval_by_hand(two)[0] > 1e4
+    summaries = summarize(_trials(BASE, BASE_VALUES) + _trials("wild", two), BASE)
+    wild = _by_arm(summaries)["wild"]
+    assert wild.ci is None and wild.value_range == (700.0, 4000.0)
+    rows = _arm_rows(summaries)
+    assert rows["wild"]["95% CI"] == "700-4000\n(range)"
+    assert "too few repeats for an interval: range of 2 trials" in " ".join(rows["wild"]["arm"].split())
+    metrics = summary_metrics(summaries, {})
+    assert (metrics["wild: min_tok_s"], metrics["wild: max_tok_s"]) == (700.0, 4000.0)
+    assert "wild: ci_low" not in metrics and "backend:native: ci_low" in metrics
+    assert "700-4000 (range)" in markdown(summaries, {}, "sweep")
+    # The axis follows the data: the fastest trial and the medians, never a wild interval.
+    wider = summarize(_trials(BASE, BASE_VALUES) + _trials("wild", [4000.0, 40.0, 400.0]), BASE)
+    ci = _by_arm(wider)["wild"].ci
+    assert ci is not None and ci[1] > 10 * 4000.0
+    assert 4000.0 < figure(wider).axes[0].get_xlim()[1] <= 2 * 1.4 * 4000.0
+
+
+def _arm_rows(summaries: list[ArmSummary]) -> dict[str, dict[str, str]]:
+    """The console table's cells by arm (the first line of its arm cell) and column header."""
+    table = render_table(summaries)
+    columns = {str(c.header): list(c.cells) for c in table.columns}
+    arms = [cell.splitlines()[0] for cell in columns["arm"]]
+    return {arm: {header: cells[i] for header, cells in columns.items()} for i, arm in enumerate(arms)}
+
+
+def _welch_interval_by_hand(a: list[float], b: list[float]) -> tuple[float, float]:
+    """exp((ma - mb) -+ t(0.975, Welch-Satterthwaite df) * sqrt(va/na + vb/nb)), m and v of the logs."""
+    la, lb = _logs(a), _logs(b)
+    va, vb = statistics.variance(la) / len(la), statistics.variance(lb) / len(lb)
+    df = (va + vb) ** 2 / (va**2 / (len(la) - 1) + vb**2 / (len(lb) - 1))
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    diff = statistics.fmean(la) - statistics.fmean(lb)
+    return math.exp(diff - half), math.exp(diff + half)
+
+
+def test_scipys_intervals_equal_the_formulas_they_replaced() -> None:
+    """statistics uses scipy.stats' confidence_interval(); each equals the hand-written formula it replaced."""
+    from novainfer.ab.sweep.statistics import geometric_interval, welch_ratio_interval
+
+    for values in (FAST_VALUES, NOISY_VALUES, [4000.0, 700.0, 1500.0], [1.0, 1e6, 3.0]):
+        assert geometric_interval(values) == pytest.approx(_geometric_interval_by_hand(values), rel=1e-12)
+    for a, b in ((FAST_VALUES, BASE_VALUES), (NOISY_VALUES, BASE_VALUES), ([5.0, 9.0, 7.0], BASE_VALUES)):
+        assert welch_ratio_interval(_logs(a), _logs(b)) == pytest.approx(_welch_interval_by_hand(a, b), rel=1e-12)
+    # No spread on either side: the measured ratio itself, not scipy's 0/0.
+    assert welch_ratio_interval(_logs([6.0, 6.0, 6.0]), _logs([3.0, 3.0, 3.0])) == pytest.approx((2.0, 2.0))
+    assert geometric_interval([5.0, 5.0, 5.0]) == pytest.approx((5.0, 5.0))
 
 
 def test_welch_matches_scipy_and_handles_no_variance() -> None:
@@ -429,7 +483,7 @@ def test_table_fits_100_columns() -> None:
     assert max(len(line) for line in text.splitlines()) <= 100
     for expected in ("WINNER", "FLAGGED", "1 incorrect", "2 failed", "base", "n/a", "110.5", "1.100x"):
         assert expected in text
-    assert "2 UNVERIFIED, never wins" in " ".join(text.split())
+    assert "2 UNVERIFIED, never wins" in " ".join(_arm_rows(_mixed_summaries())["backend=vllm"]["arm"].split())
     assert text.rstrip().endswith("WINNER.")  # the verdict closes the caption
     wide = _table_text(_mixed_summaries(), width=180)
     assert "backend=flashinfer,block_size=16,cuda_graphs=true" in wide  # labels are never cut
@@ -567,7 +621,10 @@ def test_one_gpu_changes_nothing() -> None:
     summaries, plain = summarize(tagged, BASE), summarize(records(), BASE)
     assert summaries == plain
     s = _by_arm(summaries)
-    assert all(x.paired_blocks is None and x.speedup_ci is None for x in summaries)
+    assert all(x.paired_blocks is None for x in summaries)
+    # The speedup's own interval: Welch's on the logs, exponentiated (the baseline and the unmeasured have none).
+    assert s["fast"].speedup_ci == pytest.approx(_welch_interval_by_hand(FAST_VALUES, BASE_VALUES))
+    assert s[BASE].speedup_ci is None and s["broken"].speedup_ci is None
     assert s["fast"].speedup == pytest.approx(110.5 / 100.5)  # the ratio of medians, as in test_known_numbers
     p_fast = _welch_by_hand(_logs(FAST_VALUES), _logs(BASE_VALUES))
     assert s["fast"].p_value == pytest.approx(2 * p_fast) and s["fast"].winner

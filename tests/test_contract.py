@@ -40,3 +40,27 @@ def test_the_check_sees_an_import_of_the_core_anywhere(tmp_path: Path) -> None:
     assert novainfer_imports(source) - {CONTRACT} == {
         "novainfer.reference", "novainfer.plugins", "novainfer", "novainfer.engine"
     }
+
+
+def declared_contracts(path: Path) -> list[object]:
+    """What each BackendSpec(...) call in a file passes as contract_version: an int for a literal, the source text
+    of anything else, None where it passes none."""
+    found: list[object] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "BackendSpec":
+            value = next((k.value for k in node.keywords if k.arg == "contract_version"), None)
+            literal = isinstance(value, ast.Constant) and isinstance(value.value, int)
+            found.append(value.value if literal else None if value is None else ast.unparse(value))
+    return found
+
+
+def test_every_plugin_of_this_repository_registers_for_the_cores_contract_as_a_literal() -> None:
+    from novainfer.backend_api import CONTRACT_VERSION
+
+    # A plugin's own number, never backend_api.CONTRACT_VERSION: that would agree with any core it ran on.
+    files = sorted((ROOT / "plugins").glob("*/novainfer_*/__init__.py")) + sorted(
+        (ROOT / "tests" / "plugins").glob("*/novainfer_*.py")
+    )
+    declared = {str(f.relative_to(ROOT)): declared_contracts(f) for f in files}
+    assert sum(len(d) for d in declared.values()) >= 9, declared  # four real backends, five test plugins
+    assert {f: d for f, d in declared.items() if d and set(d) != {CONTRACT_VERSION}} == {}

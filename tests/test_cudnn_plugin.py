@@ -25,6 +25,7 @@ import torch
 
 from novainfer import LLM
 from novainfer.backend_api import (
+    CONTRACT_VERSION,
     AttentionContext,
     BackendError,
     BackendSpec,
@@ -340,7 +341,14 @@ class EmulatedPlugin:
 
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
-        register(BackendSpec("cudnn-emulated", self.create, Capabilities(devices=("cpu",), dtypes=("float32",))))
+        register(
+            BackendSpec(
+                "cudnn-emulated",
+                self.create,
+                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                contract_version=CONTRACT_VERSION,
+            )
+        )
 
 
 SETTINGS = dict(device="cpu", max_model_len=96, max_num_seqs=24, max_num_batched_tokens=32, block_size=4)

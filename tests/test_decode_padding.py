@@ -30,14 +30,15 @@ def test_padded_decode_steps_give_the_same_logits_as_unpadded() -> None:
     padded = LLM("random:qwen2-tiny", pad_decodes=True, **SETTINGS)
     assert (plain.graph_mode, padded.graph_mode) == ("eager", "padded (eager)")
     used: set[int] = set()
-    original = padded.runner.prepare
+    original = padded.runner.bucket_for
 
-    def spy(out, pad_to=None):
-        if pad_to is not None:
-            used.add(pad_to - len(out.entries))
-        return original(out, pad_to)
+    def spy(out):
+        bucket = original(out)
+        if bucket is not None:
+            used.add(bucket - out.num_seqs)
+        return bucket
 
-    padded.runner.prepare = spy
+    padded.runner.bucket_for = spy
     want = plain.teacher_forced_logits(prompts, continuations)
     got = padded.teacher_forced_logits(prompts, continuations)
     assert any(extra > 0 for extra in used), "no step was actually padded"

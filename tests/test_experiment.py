@@ -94,7 +94,7 @@ MALFORMED: dict[str, BadFile] = {
     "zero_repeats": BadFile(variant("repeats = 2", "repeats = 0"), "sweep.repeats", "must be >= 1, got 0"),
 }
 
-SHIPPED = ("smoke.toml", "grid.toml")
+SHIPPED = ("smoke.toml", "grid.toml", "serving_smoke.toml", "serving.toml")
 
 
 class CliRun(NamedTuple):
@@ -160,8 +160,10 @@ def test_shipped_experiments_validate_in_dry_run(name: str, cli_runs: dict[str, 
     arm_lines = [line for line in lines if line.startswith("  arm ")]
     assert len(arm_lines) == len(experiment.arms)
     assert all("runs here" in line or "skipped here: " in line for line in arm_lines)
-    trial_lines = [line for line in lines if not line.startswith("  arm ")]
-    assert [line.split()[-1] for line in trial_lines] == [t.trial_id for t in plan_trials(experiment)]
+    (order,) = [line for line in lines if line.startswith("  order: ")]
+    seed = int(order.split("--order-seed ")[1].split()[0])  # drawn for the dry run, and said how to run it
+    trial_lines = [line for line in lines if not line.startswith(("  arm ", "  order: "))]
+    assert [line.split()[-1] for line in trial_lines] == [t.trial_id for t in plan_trials(experiment, seed)]
 
 
 def write(tmp_path: Path, text: str, name: str = "experiment.toml") -> Path:
@@ -307,6 +309,43 @@ def test_interleaved_and_blocked_order(tmp_path: Path) -> None:
     assert [t.trial_id for t in blocked] == [f"{a}#0", f"{a}#1", f"{b}#0", f"{b}#1"]
     assert [t.order for t in blocked] == [0, 1, 2, 3]
     assert [(t.arm.label, t.repeat) for t in blocked] == [(a, 0), (a, 1), (b, 0), (b, 1)]
+
+
+def test_the_order_within_each_repeat_block_follows_the_recorded_seed(tmp_path: Path) -> None:
+    from novainfer.ab.sweep.runner import SWEEP_INFO_NAME, order_seed_for, sweep_dir, sweep_info
+
+    axes = "max_num_batched_tokens = [64, 128, 256, 512]"
+    text = variant("max_num_batched_tokens = [64, 512]", axes, variant("repeats = 2", "repeats = 6"))
+    experiment = load_experiment(write(tmp_path, text))
+
+    def blocks(seed: int | None) -> list[list[str]]:
+        plan = plan_trials(experiment, seed)
+        assert [t.order for t in plan] == list(range(len(plan)))
+        return [[t.arm.label for t in plan if t.repeat == r] for r in range(6)]
+
+    labels = [arm.label for arm in experiment.arms]
+    assert blocks(None) == [labels] * 6  # no seed: the file's order, as before seeds
+    first, second = blocks(11), blocks(12)
+    assert first == blocks(11)  # the same seed, the same plan
+    assert first != second  # another seed, another order
+    for block in first + second:
+        assert sorted(block) == sorted(labels)  # every arm once per block: only the order moves
+    assert len({tuple(block) for block in first}) > 1  # the order changes from block to block
+
+    # Resuming plans the order the sweep recorded (sweep.json), whatever seed is drawn now.
+    root = tmp_path / "work"
+    assert order_seed_for(experiment, False, root, 11) == 11
+    drawn = order_seed_for(experiment, False, root)
+    assert drawn is not None and 0 <= drawn < 2**32
+    directory, counter = sweep_dir(experiment, False, root)
+    directory.mkdir(parents=True)
+    (directory / SWEEP_INFO_NAME).write_text(json.dumps(asdict(sweep_info(experiment, directory, counter, 11))))
+    assert order_seed_for(experiment, True, root) == 11 and blocks(order_seed_for(experiment, True, root)) == first
+    with pytest.raises(ExperimentError, match="--order-seed: the sweep being resumed ran in the order of seed 11"):
+        order_seed_for(experiment, True, root, 12)
+    # A sweep recorded before seeds existed resumes in the file's order.
+    (directory / SWEEP_INFO_NAME).write_text(json.dumps({"sweep_id": directory.name}))
+    assert order_seed_for(experiment, True, root) is None
 
 
 def test_explicit_baseline(tmp_path: Path) -> None:

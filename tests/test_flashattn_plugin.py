@@ -27,7 +27,15 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.backend_api import BackendError, BackendSpec, Capabilities, Settings, StepBatch, hookimpl
+from novainfer.backend_api import (
+    CONTRACT_VERSION,
+    BackendError,
+    BackendSpec,
+    Capabilities,
+    Settings,
+    StepBatch,
+    hookimpl,
+)
 from novainfer.backend_options import parse_options
 from novainfer.testing import StepSeq, prepared
 from novainfer.testing import batch as served_batch
@@ -356,7 +364,8 @@ class EmulatedPlugin:
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
         register(BackendSpec(f"flashattn-emulated-{self.generation}", self.create,
-                             Capabilities(devices=("cpu",), dtypes=("float32",), cuda_graphs=True)))
+                             Capabilities(devices=("cpu",), dtypes=("float32",), cuda_graphs=True),
+                             contract_version=CONTRACT_VERSION))
 
 
 @pytest.mark.parametrize(

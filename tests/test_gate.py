@@ -13,7 +13,7 @@ from novainfer.ab.trial.gate import GateReport, KindCoverage, check_backend, cho
 from novainfer.ab.trial.schedule import CONTINUED_CHUNK, MIXED, kind_counts, labelled, plan_schedule
 from novainfer.ab.wire import GateSettings
 from novainfer.ab.workload import Workload
-from novainfer.backend_api import BackendSpec, Capabilities, StepBatch, hookimpl
+from novainfer.backend_api import CONTRACT_VERSION, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.config import EngineConfig
 from novainfer.models.qwen2 import build_model
 from novainfer_native.backend import NativeBackend
@@ -74,7 +74,8 @@ class Plugin:
         def create(context: Any) -> object:
             return Zeroing(context, self.rows, self.fill)
 
-        register(BackendSpec(self.name, create, Capabilities(devices=("cpu",), dtypes=("float32", "bfloat16"))))
+        caps = Capabilities(devices=("cpu",), dtypes=("float32", "bfloat16"))
+        register(BackendSpec(self.name, create, caps, contract_version=CONTRACT_VERSION))
 
 
 def run_gate(config: EngineConfig, monkeypatch: pytest.MonkeyPatch, plugin: Plugin | None = None) -> Any:

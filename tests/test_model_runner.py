@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
+from novainfer.backend_api import CONTRACT_VERSION, AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.block_manager import scratch_sequence
 from novainfer.cuda_graphs import capture_refusal
 from novainfer.scheduler import ScheduledSeq, SchedulerOutput
@@ -50,7 +50,14 @@ class RecordingPlugin:
 
     @hookimpl
     def register_backends(self, register: Any) -> None:
-        register(BackendSpec("recording", self.create, Capabilities(devices=("cpu",), dtypes=("float32",))))
+        register(
+            BackendSpec(
+                "recording",
+                self.create,
+                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                contract_version=CONTRACT_VERSION,
+            )
+        )
 
 
 def engine(**settings: Any) -> tuple[LLM, RecordingBackend]:
@@ -71,12 +78,24 @@ def test_warm_up_runs_the_largest_step_the_limits_allow_in_the_scratch_block() -
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_usable_blocks  # none taken
 
 
+def test_warm_up_never_builds_a_step_longer_than_the_limits_allow_and_the_engine_serves() -> None:
+    # Four sequences of at most 96 tokens cannot fill the default budget of 16384 tokens: warm-up's largest step
+    # is theirs, 4 chunks of 96, not a budget's worth of over-long dummy prompts.
+    plugin = RecordingPlugin()
+    llm = LLM("random:qwen2-tiny-wide", backend="recording", plugins=[plugin], device="cpu", max_num_seqs=4,
+              max_model_len=96)
+    warm = plugin.backend.batches[0]
+    assert (warm.num_tokens, warm.num_seqs, int(warm.seq_lens_cpu.max())) == (384, 4, 96)
+    outputs = llm.generate([[1] * 90, [2] * 5], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [len(o.token_ids) for o in outputs] == [6, 6]
+
+
 def test_every_step_batch_is_a_view_of_the_same_persistent_buffers() -> None:
     llm, backend = engine()
     prompts = [[(7 * i + j) % 500 for j in range(5 + 9 * i)] for i in range(5)]
     llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     buffers = llm.runner.buffers
-    owners = {buffers.dev64.untyped_storage().data_ptr(), buffers.dev32.untyped_storage().data_ptr()}
+    owners = {t.untyped_storage().data_ptr() for t in (buffers.dev64, buffers.dev32, *buffers.host64, *buffers.host32)}
     assert len(backend.batches) > 5
     for batch in backend.batches:
         for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
@@ -100,9 +119,9 @@ def test_padded_decode_steps_run_at_their_graph_size_through_the_runners_graph_a
     assert llm.graph_mode == runner.graph_mode == "padded (eager)" and runner.graph_sizes == (1, 2, 4, 6)
 
     def step(num_decodes: int, num_prefills: int = 0) -> SchedulerOutput:
-        entries = [ScheduledSeq(scratch_sequence(1, block_size), 1) for _ in range(num_decodes)]
-        entries += [ScheduledSeq(scratch_sequence(3, block_size), 3) for _ in range(num_prefills)]
-        return SchedulerOutput(entries=entries, num_decodes=num_decodes)
+        entries = [ScheduledSeq.of(scratch_sequence(1, block_size), 1) for _ in range(num_decodes)]
+        entries += [ScheduledSeq.of(scratch_sequence(3, block_size), 3) for _ in range(num_prefills)]
+        return SchedulerOutput.of(entries, num_decodes)
 
     assert [runner.bucket_for(step(n)) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
     assert runner.bucket_for(step(2, num_prefills=1)) is None

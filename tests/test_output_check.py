@@ -15,7 +15,7 @@ from novainfer import LLM, SamplingParams
 from novainfer.ab.trial.output_check import check_outputs
 from novainfer.ab.wire import OutputCheck
 from novainfer.ab.workload import Workload
-from novainfer.backend_api import BackendError, BackendSpec, Capabilities, hookimpl
+from novainfer.backend_api import CONTRACT_VERSION, BackendError, BackendSpec, Capabilities, hookimpl
 from novainfer.config import EngineConfig
 from novainfer.plugins import discover_backends, select_backend
 
@@ -99,7 +99,14 @@ def test_the_core_reference_needs_no_plugin_and_no_plugin_may_take_its_name() ->
     class Impostor:
         @hookimpl
         def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
-            register(BackendSpec("reference", object, Capabilities(devices=("cpu",), dtypes=("float32",))))
+            register(
+                BackendSpec(
+                    "reference",
+                    object,
+                    Capabilities(devices=("cpu",), dtypes=("float32",)),
+                    contract_version=CONTRACT_VERSION,
+                )
+            )
 
     with pytest.raises(BackendError, match="registered twice"):
         discover_backends([Impostor()])

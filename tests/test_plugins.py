@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Generator
-from importlib.metadata import distribution
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +17,7 @@ import torch
 
 from novainfer import LLM, SamplingParams, backend_api
 from novainfer.backend_api import (
+    CONTRACT_VERSION,
     AttentionContext,
     BackendError,
     BackendSpec,
@@ -22,7 +28,7 @@ from novainfer.backend_api import (
     hookimpl,
 )
 from novainfer.backend_check import unsupported_reason
-from novainfer.plugins import discover_backends
+from novainfer.plugins import Registry, discover_backends, find_backend
 
 TINY = dict(device="cpu", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_capacity=512)
 
@@ -59,13 +65,21 @@ class InProcessPlugin:
 
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
-        register(BackendSpec("counting", self.create, Capabilities(devices=("cpu",), dtypes=("float32",))))
+        register(
+            BackendSpec(
+                "counting",
+                self.create,
+                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                contract_version=CONTRACT_VERSION,
+            )
+        )
         register(
             BackendSpec(
                 "needs-gpu-lib",
                 self.create,
                 Capabilities(devices=("cpu",), dtypes=("float32",)),
                 unavailable=lambda settings: "gpulib is not installed",
+                contract_version=CONTRACT_VERSION,
             )
         )
 
@@ -98,12 +112,99 @@ def test_unknown_and_unavailable_backends_fail_with_the_available_list() -> None
         LLM("random:qwen2-tiny", backend="nope", **TINY)
     with pytest.raises(BackendError, match="gpulib is not installed; available backends: counting, native"):
         LLM("random:qwen2-tiny", backend="needs-gpu-lib", plugins=[InProcessPlugin()], **TINY)
-    with pytest.raises(BackendError, match=r"pip install novainfer-plugin-flashinfer"):
-        LLM("random:qwen2-tiny", backend="flashinfer", **TINY)
+    # flashinfer never runs on a CPU: with its plugin installed it says why not (its library is missing, or the
+    # GPU), else what to install.
+    try:
+        distribution("novainfer-plugin-flashinfer")
+        why = r"^backend 'flashinfer' is not available: (?!.*novainfer-plugin-flashinfer).*; available backends: "
+    except PackageNotFoundError:
+        why = r"^backend 'flashinfer' is not installed \(pip install novainfer-plugin-flashinfer\)"
+    with pytest.raises(BackendError, match=why):
+        LLM("random:qwen2-tiny", backend="flashinfer", **TINY)  # TINY's device is the CPU
+    # And what to install, whatever this machine has (the registry of a machine with no plugin installed).
+    missing = r"^backend 'cudnn' is not installed \(pip install novainfer-plugin-cudnn\)$"
+    with pytest.raises(BackendError, match=missing):
+        find_backend("cudnn", Registry({}), "available backends: none")
     counting = discover_backends([InProcessPlugin()])["counting"].spec
     assert unsupported_reason(counting, Settings("cuda", "float32", 16, False, NoOptions())) == "runs on cpu, not cuda"
     assert unsupported_reason(counting, Settings("cpu", "bfloat16", 16, False, NoOptions())) == (
         "supports dtypes float32, not bfloat16"
+    )
+
+
+class OtherContractPlugin:
+    """A backend registering for contract `version` (None: saying for none)."""
+
+    def __init__(self, version: int | None) -> None:
+        self.version = version
+
+    @hookimpl
+    def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
+        caps = Capabilities(devices=("cpu",), dtypes=("float32",))
+        register(BackendSpec("elsewhere", object, caps, contract_version=self.version))
+
+
+@pytest.mark.parametrize("version", [CONTRACT_VERSION - 1, CONTRACT_VERSION + 1])
+def test_a_backend_of_another_contract_is_refused_naming_both_versions(version: int) -> None:
+    core = distribution("novainfer").version
+    with pytest.raises(BackendError) as refused:
+        LLM("random:qwen2-tiny", backend="elsewhere", plugins=[OtherContractPlugin(version)], **TINY)
+    assert str(refused.value) == (
+        f"backend 'elsewhere' of in-process was written for backend contract {version}; "
+        f"this core (novainfer {core}) implements backend contract {CONTRACT_VERSION}"
+    )
+    with pytest.raises(BackendError, match=rf"^backend 'elsewhere' of in-process declares no contract_version; "
+                       rf"this core \(novainfer {core}\) implements backend contract {CONTRACT_VERSION} "):
+        discover_backends([OtherContractPlugin(None)])
+    assert "elsewhere" in discover_backends([OtherContractPlugin(CONTRACT_VERSION)])
+
+
+OLD_PLUGIN = {
+    "pyproject.toml": """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "novainfer-plugin-oldcontract"
+version = "0.0.1"
+dependencies = ["novainfer"]
+
+[project.entry-points.novainfer]
+oldcontract = "novainfer_oldcontract"
+
+[tool.setuptools]
+py-modules = ["novainfer_oldcontract"]
+""",
+    "novainfer_oldcontract.py": """from novainfer.backend_api import BackendSpec, Capabilities, hookimpl
+
+
+@hookimpl
+def register_backends(register):
+    register(BackendSpec("oldcontract", object, Capabilities(("cpu",), ("float32",)), contract_version=1))
+""",
+}
+
+
+def test_an_installed_plugin_of_another_contract_is_listed_as_refused_and_the_rest_load(
+    tmp_path: Path, pip_install: Callable[[Path], Path]
+) -> None:
+    source = tmp_path / "oldcontract"
+    source.mkdir()
+    for name, text in OLD_PLUGIN.items():
+        (source / name).write_text(text)
+    site = pip_install(source)
+    listing = subprocess.run(
+        [sys.executable, "-m", "novainfer.ab.sweep.cli", "backends", "--format", "json"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert listing.returncode == 0, listing.stderr
+    rows = {row["backend"]: row for row in json.loads(listing.stdout)}
+    assert rows["native"]["here"] == "available"
+    assert rows["oldcontract"]["plugin"] == "novainfer-plugin-oldcontract"
+    assert rows["oldcontract"]["here"] == (
+        "plugin failed to load: backend 'oldcontract' of novainfer-plugin-oldcontract was written for backend "
+        f"contract 1; this core (novainfer {distribution('novainfer').version}) implements backend contract "
+        f"{CONTRACT_VERSION}"
     )
 
 
@@ -130,7 +231,9 @@ class OldContractPlugin:
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
         caps = Capabilities(devices=("cpu",), dtypes=("float32",))
-        register(BackendSpec("returns-output", lambda context: ReturnsItsOutput(), caps))
+        register(
+            BackendSpec("returns-output", lambda context: ReturnsItsOutput(), caps, contract_version=CONTRACT_VERSION)
+        )
 
 
 def test_an_attention_that_returns_its_result_is_refused_not_dropped() -> None:

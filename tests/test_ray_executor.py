@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from test_sweep import SMOKE, ledger_records, nova_ab, runs, wait_for_first_trial, write_experiment
 
+from novainfer.ab.sweep.outcome import EXIT_TRIALS_FAILED
+
 RAY = [str(Path(sys.executable).with_name("ray"))]  # the CLI installed beside this Python
 # Ray 2.5x asks a cluster started from the command line for a token its clients then lack: a test cluster on
 # loopback needs none.
@@ -93,7 +95,7 @@ def test_a_crashing_and_a_hanging_trial_are_isolated(tmp_path: Path, faulty_site
     result = nova_ab(
         tmp_path, "sweep", str(exp), "--executor", "ray", env={**RAY_ENV, "PYTHONPATH": str(faulty_site)}
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == EXIT_TRIALS_FAILED, result.stderr[-3000:]  # a failed and a timed-out trial
     status = {r["arm"]: r for r in ledger_records(tmp_path)}
     assert status["backend=native"]["status"] == "ok"
     assert status["backend=raises"]["status"] == "failed" and "injected" in status["backend=raises"]["reason"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
+from novainfer.backend_api import CONTRACT_VERSION, AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer_native.backend import NativeBackend
 
 SETTINGS: dict[str, Any] = dict(device="cpu", max_model_len=64, kv_cache_capacity=256, warm_up=False)
@@ -144,7 +144,14 @@ class FaultyPlugin:
 
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
-        register(BackendSpec("faulty", self.create, Capabilities(devices=("cpu",), dtypes=("float32",))))
+        register(
+            BackendSpec(
+                "faulty",
+                self.create,
+                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                contract_version=CONTRACT_VERSION,
+            )
+        )
 
 
 def test_a_backend_fault_mid_call_frees_the_call_and_the_engine_recovers(fresh_outputs: list[list[int]]) -> None:
@@ -154,8 +161,8 @@ def test_a_backend_fault_mid_call_frees_the_call_and_the_engine_recovers(fresh_o
     backend.steps, backend.fail_at_step = 0, 3
     with pytest.raises(RuntimeError, match="injected fault on step 3"):
         llm.generate(GOOD_PROMPTS, GOOD_PARAMS)
-    assert backend.steps == 3, "the fault must hit part-way, with requests holding blocks"
-    assert len(llm.step_stats) == 2
+    # The fault hits part-way, with requests holding blocks; overlapping, the step after it was launched too.
+    assert backend.steps >= 3 and 3 <= len(llm.step_stats) <= 4
     backend.fail_at_step = None
     assert_idle_and_correct(llm, fresh_outputs)
 

@@ -19,7 +19,7 @@ def add(s: Scheduler, prompt_len: int, max_tokens: int = 4) -> Sequence:
 
 def run_step(s: Scheduler) -> list:
     out = s.schedule()
-    s.update(out, {e.seq.seq_id: 7 for e in out.entries if e.samples}, eos_token_id=None)
+    s.update(out, [7] * out.num_sampled, eos_token_id=None)
     return out.entries
 
 
@@ -29,7 +29,7 @@ def test_budget_and_sequence_cap_are_respected_and_long_prompts_chunk() -> None:
     out = s.schedule()
     assert out.num_tokens <= 10
     assert [(e.seq, e.num_new_tokens) for e in out.entries] == [(long, 10)]
-    s.update(out, {}, None)
+    s.update(out, [], None)
     out = s.schedule()
     assert sum(e.num_new_tokens for e in out.entries) == 10 and len(s.running) <= 2
     assert third not in [e.seq for e in out.entries], "the sequence cap is 2"
@@ -79,5 +79,5 @@ def test_eos_finishes_unless_ignored() -> None:
     seq = Sequence([1, 2, 3], SamplingParams(max_tokens=10))
     s.add(seq)
     out = s.schedule()
-    finished = s.update(out, {seq.seq_id: 99}, eos_token_id=99)
+    finished = s.update(out, [99], eos_token_id=99)
     assert finished == [seq] and seq.output_token_ids == [99]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from novainfer.ab.sweep.outcome import EXIT_TRIALS_FAILED
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.toml"
 TRIAL_METRICS = {
@@ -20,7 +24,8 @@ TRIAL_METRICS = {
     "actual_tokens", "phase_metadata_s", "phase_kv_write_s", "phase_attention_s", "num_steps",
     "peak_memory_bytes", "timed_cuda_mallocs", "max_rel_err",
 }
-TRIAL_TAGS = {"nova.status", "device_name", "driver", "torch_version", "cuda_version", "git_commit", "host"}
+# No commit tag: these sweeps run outside a git checkout (a commit goes to mlflow.source.git.commit: test_tracking).
+TRIAL_TAGS = {"nova.status", "device_name", "driver", "torch_version", "cuda_version", "host"}
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +113,23 @@ def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> No
     for child in children:
         assert set(child.data.metrics) >= TRIAL_METRICS, TRIAL_METRICS - set(child.data.metrics)
         assert set(child.data.tags) >= TRIAL_TAGS, TRIAL_TAGS - set(child.data.tags)
+        assert "git_commit" not in child.data.tags  # MLflow's standard tag or none, never a name of our own
         assert child.data.tags["nova.status"] == "ok"
         assert child.data.metrics["actual_tokens"] == child.data.metrics["expected_tokens"] > 0
         assert child.data.metrics["max_rel_err"] <= 1e-2
         assert child.data.params["backend"] == "native"
         assert child.data.params["plugin"] == "novainfer-plugin-native"
         assert "engine.max_num_batched_tokens" in child.data.params
-    # Interleaved: the two arms alternate.
+        assert child.data.tags["gpu_telemetry"] == "absent: no GPU (a CPU trial)"
+        assert next(iter(child.data.metrics)) == "output_tok_s"  # the headline first on the run's page
+    # Interleaved: each repeat block runs both arms, in the order drawn from the seed the sweep recorded.
+    from novainfer.ab.sweep.experiment import load_experiment, plan_trials
+
     order = sorted(children, key=lambda c: int(c.data.tags["nova.order"]))
     arms = [c.data.tags["nova.arm"] for c in order]
-    assert arms[0] != arms[1] and arms[:2] == arms[2:]
+    assert arms[0] != arms[1] and set(arms[:2]) == set(arms[2:])
+    seed = int(parents[0].data.params["sweep.order_seed"])
+    assert arms == [t.arm.label for t in plan_trials(load_experiment(SMOKE), seed)]
     artifacts = {a.path for a in client(tmp_path).list_artifacts(children[0].info.run_id)}
     assert "config.json" in artifacts
 
@@ -132,12 +144,15 @@ def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> No
     assert "engine.max_num_batched_tokens" not in parent.data.params  # the arms override it: not shared
     assert parent.data.params["sweep.axes.max_num_batched_tokens"] == "[64, 512]"
     note = parent.data.tags["mlflow.note.content"]
-    assert note.splitlines()[0].startswith(("No winner", "bt=")) and "| bt=64 (baseline) |" in note
+    assert note.splitlines()[0].startswith(("No winner", "bt="))
+    assert "| bt=64 (baseline, too few repeats for an interval: range of 2 trials) |" in note  # 2 repeats: no CI
     assert [a.path for a in client(tmp_path).list_artifacts(parent.info.run_id)].count("comparison.png") == 1
     (dataset,) = client(tmp_path).get_run(parent.info.run_id).inputs.dataset_inputs
     assert dataset.dataset.name == "smoke" and '"num_seqs": 8' in dataset.dataset.source
-    link = next(line for line in result.stdout.splitlines() if "viewStateShareKey=" in line)
-    assert link.endswith(f"viewStateShareKey={parent.info.run_id}")
+    # A local store has no server yet: the sweep names the command that starts one and prints the link.
+    hint = next(line for line in result.stdout.splitlines() if "starts MLflow's UI" in line)
+    assert "novainfer.ab.sweep.cli ui` (it starts MLflow's UI and prints the link)" in hint
+    assert [line for line in result.stdout.splitlines() if "bt=64 · #0" in line]  # trial lines by the arm's name
     experiment = client(tmp_path).get_experiment_by_name("nova-ab")
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
     assert view["searchFilter"] == f"tags.`nova.sweep_id` = '{parent.data.tags['nova.sweep_id']}'"
@@ -148,12 +163,17 @@ def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> No
     compared = nova_ab(tmp_path, "compare")
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert "max_num_batched_tokens=512" in compared.stdout
+    assert compared.stdout.startswith(f"sweep {parent.info.run_name} (sqlite:")  # which sweep it shows
+    assert f"ui '{parent.info.run_name}'` prints its link" in compared.stdout.splitlines()[0]
 
 
 def test_faulty_backends_are_recorded_and_the_sweep_goes_on(tmp_path: Path, faulty_site: Path) -> None:
     exp = write_experiment(tmp_path / "faults.toml", ["native", "raises", "wrong", "hangs"], 1, 25)
     result = nova_ab(tmp_path, "sweep", str(exp), env={"PYTHONPATH": str(faulty_site)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The sweep went on, and its exit code and parent say that some trials gave no result.
+    assert result.returncode == EXIT_TRIALS_FAILED, result.stderr[-3000:]
+    assert "exit 3: some trials gave no result: 1 failed, 1 timeout" in " ".join(result.stdout.split())
+    assert [p.info.status for p in runs(tmp_path, "nova-ab")[0]] == ["FAILED"]
     status = {r["arm"]: r for r in ledger_records(tmp_path)}
     assert status["backend=native"]["status"] == "ok"
     assert status["backend=raises"]["status"] == "failed"
@@ -190,11 +210,16 @@ def test_unreachable_mlflow_keeps_the_ledger_and_import_logs_it_once(tmp_path: P
     exp = write_experiment(tmp_path / "offline.toml", ["native"], 2, 120)
     result = nova_ab(tmp_path, "sweep", str(exp), "--tracking-uri", "http://127.0.0.1:9")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "nova-ab import" in result.stdout
     (ledger,) = tmp_path.glob(".nova-ab/*/ledger.jsonl")
     assert len(ledger_records(tmp_path)) == 2
-    first = nova_ab(tmp_path, "import", str(ledger))
-    second = nova_ab(tmp_path, "import", str(ledger))
+    # The command it prints runs as printed (nova-ab as it was run: here as a module).
+    printed = re.search(r"log this sweep later with `([^`]+)`", result.stdout)
+    assert printed is not None and printed.group(1).endswith(f"-m novainfer.ab.sweep.cli import {ledger}")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    first, second = (
+        subprocess.run(shlex.split(printed.group(1)), cwd=tmp_path, capture_output=True, text=True, env=env)
+        for _ in range(2)
+    )
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert "logged 2 new" in first.stdout and "logged 0 new" in second.stdout
     parents, children = runs(tmp_path, "nova-ab")

@@ -15,6 +15,7 @@ import torch
 
 from novainfer import LLM
 from novainfer.backend_api import (
+    CONTRACT_VERSION,
     AttentionContext,
     BackendSpec,
     Capabilities,
@@ -96,7 +97,14 @@ class Scaled:
 
     @hookimpl
     def register_backends(self, register: Callable[[BackendSpec], None]) -> None:
-        register(BackendSpec("scaled", self.create, Capabilities(devices=("cpu",), dtypes=("float32",))))
+        register(
+            BackendSpec(
+                "scaled",
+                self.create,
+                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                contract_version=CONTRACT_VERSION,
+            )
+        )
 
     def create(self, context: AttentionContext) -> object:
         factor, wrong = self.factor, self.wrong

@@ -216,7 +216,7 @@ def test_the_sweeps_view_shows_what_verified_covered(tracker: Tracker, store: tu
     checks = ["output_tokens_checked", "output_tokens_outside", "gate_steps", "max_rel_err"]
     assert [c for c in columns if c.startswith("metrics.")] == [
         "metrics.`native: tokens_checked`", "metrics.`output_tok_s`", *(f"metrics.`{m}`" for m in checks),
-        "metrics.`requests_off`",
+        "metrics.`requests_off`", "metrics.`gpu_throttled`",  # and whether the GPU held the trial down
     ]
     charts = [chart["metricKey"] for chart in view["compareRunCharts"]]
     assert charts[0] == "output_tok_s" and "output_tokens_outside" in charts  # throughput first
@@ -245,6 +245,32 @@ def test_keys_and_values_are_made_valid(tracker: Tracker, store: tuple[str, str]
     assert len(child.data.params["long"]) == 6000
     assert child.data.params["_../up"] == "x"
     assert len(child.data.tags["what_"]) == 8000
+
+
+@pytest.mark.parametrize(
+    ("commit", "logged"),
+    [
+        ("0123abcd", {"mlflow.source.git.commit": "0123abcd", "mlflow.source.type": "LOCAL"}),
+        ("0123abcd-dirty", {"mlflow.source.git.commit": "0123abcd", "nova.git_dirty": "true"}),
+        ("unknown", {}),  # outside a checkout: no commit rather than a word in the commit's place
+    ],
+)
+def test_the_git_commit_is_mlflows_source_tag_and_reads_back(
+    tracker: Tracker, store: tuple[str, str], commit: str, logged: dict[str, str]
+) -> None:
+    sweep_id = f"g-{commit}"
+    parent = tracker.start_sweep(_sweep(sweep_id))
+    record = _record(sweep_id, "backend=native", 0)
+    record.tags = {"device": "cpu", "git_commit": commit}
+    assert tracker.log_trial(record)
+    (child,) = _children(store, parent)
+    tags = child.data.tags
+    assert "git_commit" not in tags
+    assert {k: tags[k] for k in logged} == logged
+    assert ("mlflow.source.git.commit" in tags) == bool(logged)
+    assert ("nova.git_dirty" in tags) == commit.endswith("-dirty")
+    _, _, (back,) = Tracker(store[0], "nova-test").load_sweep(sweep_id)
+    assert back.tags == ({"device": "cpu"} if commit == "unknown" else record.tags)
 
 
 def test_interrupted_child_is_replaced(tracker: Tracker, store: tuple[str, str]) -> None:

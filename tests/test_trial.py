@@ -88,3 +88,24 @@ def test_phase_clock_counts_and_times_wrapped_calls() -> None:
     timed = clock.measure(lambda: [work(n=20000) for _ in range(3)])
     assert clock.calls["attention"] == 3 and clock.calls["metadata"] == 0
     assert timed["metadata"] == 0 and 0 < timed["attention"] <= timed["step"]
+
+
+def test_a_trial_overlapping_the_host_is_on_its_plan_and_checked() -> None:
+    """The planned schedule, the gate's replay of it and the output lengths hold with asynchronous scheduling
+    on as off (tests/test_async_scheduling.py shows the tokens are the same); the record says how much host work
+    each step took and how much of it overlapped."""
+    records = {}
+    for overlap in (True, False):
+        config = {**CONFIG.to_dict(), "async_scheduling": overlap}
+        req = TrialRequest(
+            sweep_id="s", trial_id=f"t{overlap}#0", arm="t", arm_params={}, repeat=0, order=0, config=config,
+            workload=WORKLOAD, warmup_seqs=1, gate=GateSettings(), result_path="", source_dir=".",
+        )
+        records[overlap] = record = new_record(req)
+        run_trial(req, record)
+        assert record.status == "ok", record.reason
+        assert record.metrics["schedule_steps_off"] == 0 and record.metrics["requests_off"] == 0
+        assert record.metrics["host_us_per_step"] > 0
+    assert records[True].metrics["num_steps"] == records[False].metrics["num_steps"]
+    assert records[False].metrics["host_hidden_fraction"] == 0
+    assert 0 <= records[True].metrics["host_hidden_fraction"] <= 1

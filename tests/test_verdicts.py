@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_sweep import ledger_records, nova_ab, runs
 
+from novainfer.ab.sweep.outcome import EXIT_NO_VERDICT
 from novainfer.ab.sweep.statistics import summarize
 from novainfer.ab.wire import TrialRecord, gate_coverage
 
@@ -155,7 +156,8 @@ def test_with_the_gate_off_every_arm_is_unverified_and_nothing_is_claimed(
         extra="[sweep.correctness]\nenabled = false",
     )
     result = nova_ab(tmp_path, "sweep", str(exp), env={"PYTHONPATH": str(adversarial_site)}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # An unverified baseline carries no verdict, and the exit code says so (novainfer.ab.sweep.outcome).
+    assert result.returncode == EXIT_NO_VERDICT, result.stderr[-3000:]
     trials = records(tmp_path)
     assert {r.status for r in trials} == {"unverified"}
     assert all("switched off" in (r.reason or "") for r in trials)

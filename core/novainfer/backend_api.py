@@ -7,6 +7,13 @@ exactly one backend answers the attention hooks (two would both write the KV cac
 
     from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 
+Versions: the contract is numbered (`CONTRACT_VERSION`), and a backend says which contract it was written for
+(`BackendSpec(contract_version=2)`, a literal): the registry refuses a backend of another contract, or of none,
+with one line naming both. The core's version carries the same promise for pip: every novainfer 0.1.x
+implements contract 2, and a new contract comes with a new minor release, so a plugin depends on
+`novainfer>=0.1,<0.2` (pip refuses the wrong core at install; the registry refuses it at run time, where a
+plugin was installed with --no-deps).
+
 Per engine step the core calls, in this order:
     prepare_attention_metadata  once, from the scheduled batch (outside any CUDA graph: it may re-plan)
     write_kv, attention         once per layer each, reusing that step's metadata
@@ -49,6 +56,11 @@ import torch
 
 hookspec = pluggy.HookspecMarker("novainfer")
 hookimpl = pluggy.HookimplMarker("novainfer")
+
+# The backend contract this core implements: raised on every change a backend must follow (a hook's arguments
+# or meaning, a StepBatch or AttentionContext field's meaning or removal), and with it the core's minor version.
+# An addition a backend may ignore (a new optional hook, a new field) keeps it.
+CONTRACT_VERSION = 2
 
 
 def cuda_graph_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -227,6 +239,9 @@ class BackendSpec:
     versions: the versions of the kernel libraries the backend runs on, read from installed-package
         metadata ({"flashinfer-python": "0.6.13"}); every trial records them.
     description: one line for `nova-ab backends`.
+    contract_version: the backend contract the backend was written for, as a literal (`contract_version=2`;
+        never `CONTRACT_VERSION`, which would always agree with whatever core imports it). A backend of another
+        contract, or of none, is refused when it registers, with one line naming both versions.
     """
 
     name: str
@@ -237,6 +252,7 @@ class BackendSpec:
     unavailable: Callable[[Settings | None], str | None] = _runs_anywhere
     versions: Callable[[], dict[str, str]] = dict
     description: str = ""
+    contract_version: int | None = None
 
 
 def core_attention_metadata(batch: StepBatch) -> Any:
@@ -264,7 +280,8 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
     Called once each time the backend registry is built (engine start, `nova-ab backends`). Must be
     cheap: import no kernel library here; do that when the backend is created.
 
-    :param register: call it with one :class:`BackendSpec` per backend.
+    :param register: call it with one :class:`BackendSpec` per backend, each naming the contract it was written
+        for (``contract_version``); a backend of another contract is refused there, with one line.
     """
 
 

@@ -42,6 +42,11 @@ class EngineConfig:
     kv_cache_capacity: KV-cache size in tokens, or "auto" to size it from free memory.
     gpu_memory_utilization: with "auto", the fraction of device memory the engine may hold in all.
     cuda_graphs: capture the decode forward in CUDA graphs (backends that cannot be captured run eagerly).
+    async_scheduling: schedule and prepare the next step while this one runs on the device (its sampled tokens
+        stay on the device as the next step's inputs; the host learns them a step later, and an EOS stop a step
+        late, its extra token dropped). On the CPU a worker thread stands in for the device's stream.
+    enable_prefix_caching: keep the KV blocks of prompt prefixes after their requests finish, and start a
+        request that shares a cached prefix of full blocks after it (novainfer.prefix_cache).
     """
 
     model: str = "random:qwen2-tiny"
@@ -58,6 +63,8 @@ class EngineConfig:
     kv_cache_capacity: int | Literal["auto"] = "auto"
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = False
+    async_scheduling: bool = True
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dtype", "kv_cache_dtype"):
@@ -79,6 +86,9 @@ class EngineConfig:
                 f'must be "auto" or a number of tokens of at least block_size ({self.block_size}), '
                 f"got {self.kv_cache_capacity!r}",
             )
+        for name in ("cuda_graphs", "async_scheduling", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization!r}"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from novainfer.backend_api import AttentionContext, cuda_graph_sizes
@@ -17,7 +19,7 @@ from novainfer.block_manager import BlockManager, blocks_for
 from novainfer.config import EngineConfig
 from novainfer.cuda_graphs import capture_refusal
 from novainfer.kv_cache import allocate_kv_caches, num_kv_blocks
-from novainfer.model_runner import ModelRunner
+from novainfer.model_runner import Launched, ModelRunner
 from novainfer.models.presets import RANDOM_PREFIX
 from novainfer.models.qwen2 import Qwen2ForCausalLM, build_model
 from novainfer.plugins import RegisteredBackend, engine_plugin_manager, select_backend
@@ -38,13 +40,43 @@ class RequestOutput:
         return len(self.token_ids)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepStats:
+    """One launched step: its shape, and the host's seconds on it.
+
+    schedule_s, prepare_s, launch_s: scheduling it, laying out its inputs, launching its device work (on CUDA,
+        the kernel launches or the graph replay);
+    wait_s:   the host waiting for its device work when its tokens were wanted (on the CPU without overlap, the
+        device work itself, run there and then);
+    update_s: taking its tokens in;
+    hidden_s: how much of schedule_s + prepare_s + launch_s ran while the step before was still on the device
+        (a lower bound: the time counts only when that step was seen unfinished once the launch was done);
+    seconds:  wall time of the engine call that launched it.
+    """
+
     num_prefill_tokens: int
     num_decode_tokens: int
     num_seqs: int
-    num_sampled: int  # output tokens this step produced
-    seconds: float
+    num_sampled: int  # output tokens this step produces
+    schedule_s: float = 0.0
+    prepare_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
+    update_s: float = 0.0
+    hidden_s: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def host_s(self) -> float:
+        """The host's own work on the step (waiting for the device excluded)."""
+        return self.schedule_s + self.prepare_s + self.launch_s + self.update_s
+
+
+@dataclass
+class _Launched:
+    launched: Launched
+    stats: StepStats
+    sampled: list[Sequence] | None  # the sampled rows' sequences, when their logits are wanted
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,15 +151,18 @@ class LLM:
             options=dict(cfg.backend_options),
         )
         self.pm = engine_plugin_manager(self.backend.spec.create(context), observers)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, prefix_caching=cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len)
         self.runner = ModelRunner(
             self.model, self.kv_caches, self.block_manager, self.pm, self.backend.spec, cfg.max_num_seqs,
             cfg.max_num_batched_tokens, cfg.max_model_len, self.device, cuda_graphs=graphs, warm_up=warm_up,
+            overlap=cfg.async_scheduling,
         )
         self.graph_mode = self.runner.graph_mode
         self.tokenizer = _load_tokenizer(cfg.model)
         self.step_stats: list[StepStats] = []
+        self._in_flight: deque[_Launched] = deque()  # launched, tokens not taken in yet; oldest first
+        self.num_tokens_taken = 0  # output tokens taken in so far (for progress)
 
     def _nvtx_range(self, name: str) -> contextlib.AbstractContextManager[Any]:
         """An NVTX range on CUDA (for Nsight Systems timelines); nothing elsewhere."""
@@ -180,33 +215,75 @@ class LLM:
             raise ValueError(f"{what} {token!r} at position {position} {problem}")
         return ids
 
+    def has_unfinished(self) -> bool:
+        """Whether any request is unfinished: queued, running, or with tokens still in flight."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
+
     @torch.inference_mode()
     def step(self, on_logits: Callable[[Sequence, torch.Tensor], None] | None = None) -> list[Sequence]:
-        """Schedule and run one step; returns the requests it finished.
+        """Launch the next step and take in the tokens of the one before it; returns the requests finished.
 
-        `on_logits(seq, logits_row)` sees the next-token logits of every sequence that sampled.
+        With async_scheduling the next step is scheduled and launched before the step in flight is waited for,
+        so a step's tokens come in with the next call (or the call that finds nothing left to schedule); without,
+        in the call that launched it. `on_logits(seq, logits_row)` sees the next-token logits of every sequence
+        that sampled; a call given it waits for its own step.
         """
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        if not out.entries:
-            raise RuntimeError("the scheduler could not schedule anything: the KV cache is too small")
-        with self._nvtx_range(f"step {out.num_tokens - out.num_decodes}p+{out.num_decodes}d"):
-            seqs, tokens, logits = self.runner.execute(out)
-        sampled = {}
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            if on_logits is not None:
-                on_logits(seq, logits[i])
-            if seq.forced_tokens is not None:
-                token = seq.forced_tokens[seq.num_output_tokens]
-            sampled[seq.seq_id] = token
-        finished = self.scheduler.update(out, sampled, self.model_config.eos_token_id)
-        num_tokens = out.num_tokens
-        self.step_stats.append(
-            StepStats(
-                num_tokens - out.num_decodes, out.num_decodes, len(out.entries), len(seqs), time.perf_counter() - t0
+        launched = None
+        if self.scheduler.has_work():
+            out = self.scheduler.schedule()
+            if not out.num_seqs:
+                raise RuntimeError("the scheduler could not schedule anything: the KV cache is too small")
+            t1 = time.perf_counter()
+            sampled = [out.batch.seqs[r] for r in out.sample_rows.tolist()] if on_logits else None
+            with self._nvtx_range(f"step {out.num_tokens - out.num_decodes}p+{out.num_decodes}d"):
+                step = self.runner.launch(out, keep_logits=on_logits is not None)
+            stats = StepStats(
+                out.num_tokens - out.num_decodes, out.num_decodes, out.num_seqs, out.num_sampled,
+                schedule_s=t1 - t0, prepare_s=step.prepare_s, launch_s=step.launch_s,
             )
-        )
+            if not self.runner.queue.asynchronous:  # the launch ran the device work itself
+                stats.wait_s, stats.launch_s = stats.launch_s, 0.0
+            self.step_stats.append(stats)
+            launched = _Launched(step, stats, sampled)
+            self._in_flight.append(launched)
+        # Overlapping, the step just launched stays in flight; a call that launched nothing takes in everything.
+        keep = 1 if launched is not None and self.config.async_scheduling and on_logits is None else 0
+        finished: list[Sequence] = []
+        while len(self._in_flight) > keep:
+            oldest = self._in_flight[0]
+            if oldest is not launched and launched is not None and not oldest.launched.pending.done():
+                launched.stats.hidden_s = launched.stats.schedule_s + launched.stats.prepare_s + launched.stats.launch_s
+            finished += self._take_in(oldest, on_logits)
+            self._in_flight.popleft()
+        if launched is not None:
+            launched.stats.seconds = time.perf_counter() - t0
         return finished
+
+    def _take_in(
+        self, step: _Launched, on_logits: Callable[[Sequence, torch.Tensor], None] | None
+    ) -> list[Sequence]:
+        """Wait for a launched step's tokens and give them to the scheduler; the requests that finishes."""
+        t0 = time.perf_counter()
+        tokens, logits = step.launched.pending.result()
+        t1 = time.perf_counter()
+        if on_logits is not None and logits is not None and step.sampled is not None:
+            for i, seq in enumerate(step.sampled):
+                on_logits(seq, logits[i])
+        finished = self.scheduler.update(step.launched.out, tokens, self.model_config.eos_token_id)
+        self.num_tokens_taken += len(tokens)
+        step.stats.wait_s += t1 - t0
+        step.stats.update_s = time.perf_counter() - t1
+        return finished
+
+    def _recover(self) -> None:
+        """After a failure part-way through a step: wait out the steps in flight and forget them (their tokens
+        are not taken in), and put every unfinished request back to waiting, to be recomputed from its tokens."""
+        for step in self._in_flight:
+            with contextlib.suppress(Exception):
+                step.launched.pending.result()
+        self._in_flight.clear()
+        self.scheduler.recover()
 
     def generate(
         self,
@@ -276,25 +353,27 @@ class LLM:
             sequences, lambda tokens: self._new_sequence(tokens[:-1], SamplingParams(max_tokens=1, ignore_eos=True))
         )
         index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        if self._in_flight:
+            raise RuntimeError("prefill_logits needs the engine idle, but a step is in flight: step() it through")
         try:
             for seq in seqs:
                 self.scheduler.add(seq)
             while self.scheduler.has_unfinished():
                 out = self.scheduler.schedule()
-                if not out.entries:
+                if not out.num_seqs:
                     raise RuntimeError("the scheduler could not schedule anything: the KV cache is too small")
                 _, hidden = self.runner.run(out)
                 rows: list[tuple[int, int]] = []
                 picks: list[int] = []
                 t = 0
                 for entry in out.entries:
-                    i, start = index[entry.seq.seq_id], entry.seq.num_computed_tokens
+                    i, start = index[entry.seq.seq_id], entry.start
                     for k in range(max(0, first_row[i] - start), entry.num_new_tokens):
                         rows.append((i, start + k))
                         picks.append(t + k)
                     t += entry.num_new_tokens
                 # Nothing is sampled: each sequence ends when its prompt is in (max_tokens 1, token 0 appended).
-                self.scheduler.update(out, {e.seq.seq_id: 0 for e in out.entries if e.samples}, None)
+                self.scheduler.update(out, np.zeros(out.num_sampled, dtype=np.int64), None)
                 if picks:
                     yield rows, self.model.compute_logits(hidden[torch.tensor(picks, device=hidden.device)])
         except BaseException:
@@ -311,19 +390,27 @@ class LLM:
 
         Any exception part-way (KeyboardInterrupt too) aborts `seqs` in the scheduler, freeing their KV
         blocks, then propagates: a failed call must not leave requests that every later call would trip on.
-        Requests queued earlier with `add_request` are not this call's and stay queued.
+        Requests queued earlier with `add_request` are not this call's and stay queued (those running go back to
+        waiting, with the tokens they have: the step in flight is forgotten).
         """
         try:
             for seq in seqs:
                 self.scheduler.add(seq)
-            while self.scheduler.has_unfinished():
-                before = len(self.step_stats)
+            while self.has_unfinished():
+                taken = self.num_tokens_taken
                 self.step(on_logits)
                 if on_step is not None:
-                    on_step(self.step_stats[before].num_sampled)
+                    on_step(self.num_tokens_taken - taken)
         except BaseException:
+            self._recover()
             self.scheduler.abort(seqs)
             raise
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix and zero the prefix cache's counters (as vLLM's `reset_prefix_cache`), so a
+        timed run starts cold whatever ran before it. Nothing to do without prefix caching."""
+        if self.block_manager.cache is not None:
+            self.block_manager.cache.reset()
 
     def backend_counters(self) -> dict[str, int]:
         merged: dict[str, int] = {}

@@ -22,7 +22,7 @@ import pluggy
 import torch
 
 from novainfer import backend_api
-from novainfer.backend_api import BackendError, BackendSpec, StepBatch, hookimpl
+from novainfer.backend_api import CONTRACT_VERSION, BackendError, BackendSpec, StepBatch, hookimpl
 from novainfer.backend_check import create_checked, default_reason
 from novainfer.backend_options import schema_problem
 from novainfer.reference import ReferenceMetadata, reference_attention, reference_metadata
@@ -95,7 +95,8 @@ def _load(
     plugin: object, dist: str, dist_version: str, taken: Mapping[str, RegisteredBackend]
 ) -> dict[str, RegisteredBackend]:
     """The backends `plugin` registers, all or none: BackendError (one line) when a hookimpl is not a novainfer
-    hook, an options type is not one the core can parse, or a name is taken (by `taken` or twice by itself)."""
+    hook, a backend was written for another contract (or says for none), an options type is not one the core
+    can parse, or a name is taken (by `taken` or twice by itself)."""
     pm = pluggy.PluginManager("novainfer")
     pm.add_hookspecs(backend_api)
     try:
@@ -109,6 +110,8 @@ def _load(
         owner = found.get(spec.name) or taken.get(spec.name)
         if owner is not None:
             raise BackendError(f"backend {spec.name!r} is registered twice ({owner.plugin} and {dist})")
+        if spec.contract_version != CONTRACT_VERSION:
+            raise BackendError(_contract_problem(spec, dist))
         problem = schema_problem(spec.options)
         if problem:
             raise BackendError(f"backend {spec.name!r}: {problem}")
@@ -116,6 +119,17 @@ def _load(
 
     pm.hook.register_backends(register=register)
     return found
+
+
+def _contract_problem(spec: BackendSpec, dist: str) -> str:
+    """Why a backend of another contract than the core's is refused, naming both versions."""
+    core = f"this core (novainfer {_core_version()}) implements backend contract {CONTRACT_VERSION}"
+    if spec.contract_version is None:
+        return (
+            f"backend {spec.name!r} of {dist} declares no contract_version; {core} "
+            f"(BackendSpec(contract_version={CONTRACT_VERSION}) once it follows novainfer.backend_api)"
+        )
+    return f"backend {spec.name!r} of {dist} was written for backend contract {spec.contract_version}; {core}"
 
 
 def _hook_problem(pm: pluggy.PluginManager, plugin: object, error: pluggy.PluginValidationError) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
+from novainfer.backend_api import CONTRACT_VERSION, AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 
 NAME = "reference"
 # The exact path takes query rows in chunks of this many, to bound its float64 score matrix.
@@ -146,6 +146,7 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
             capabilities=Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "bfloat16", "float16")),
             options=ReferenceOptions,
             description="the core's plain-PyTorch attention: float64 (exact) or the cache's dtype (the floor)",
+            contract_version=CONTRACT_VERSION,  # the core's own: written with the contract, never behind it
         )
     )
 

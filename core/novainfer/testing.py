@@ -91,8 +91,8 @@ def prepared(llm: LLM, seqs: Sequence[StepSeq], num_decodes: int | None = None) 
                 )
             else:
                 llm.block_manager.allocate_blocks(seq, list(spec.blocks))
-            entries.append(ScheduledSeq(seq, spec.new))
-        yield Step(SchedulerOutput(entries, num_decodes), tuple(tuple(e.seq.block_table) for e in entries))
+            entries.append(ScheduledSeq.of(seq, spec.new))
+        yield Step(SchedulerOutput.of(entries, num_decodes), tuple(tuple(e.seq.block_table) for e in entries))
     finally:
         for entry in entries:
             llm.block_manager.free(entry.seq)

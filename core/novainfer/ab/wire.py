@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from novainfer.ab.serving import ServingSettings
 from novainfer.ab.workload import Workload
 
 Status = Literal["ok", "unverified", "incorrect", "caliber_mismatch", "failed", "timeout", "skipped"]
@@ -63,7 +64,10 @@ class TrialRecord:
         gate: max_rel_err (worst row of teacher-forced logits), gate_seconds, gate_steps, gate_rows and the
             per-kind coverage (gate.<kind>.run_steps / .checked / .max_rel_err, see gate_coverage);
         our engine only: prefill_tokens, decode_tokens, num_steps, num_preemptions, peak_memory_bytes,
-            timed_cuda_mallocs, timed_tensor_allocs, timed_<backend counter>, kv_cache_blocks, and the phase
+            timed_cuda_mallocs, timed_tensor_allocs, timed_<backend counter>, kv_cache_blocks, host_us_per_step
+            (median host work per step), host_hidden_fraction (its share run while the device was busy), with
+            prefix caching prefix_hit_rate_tokens / _blocks, prefix_hit_tokens, prefix_preempted_hit_tokens and
+            prefix_blocks_evicted (novainfer.prefix_cache), and the phase
             breakdown phase_<metadata|kv_write|attention>_s over the whole run (tag phases_cover says how) and
             phases_seconds, what measuring it took (after the timed window).
     tags: strings for MLflow tags (device name, driver, torch and CUDA versions, git commit, host, the gate's
@@ -73,9 +77,18 @@ class TrialRecord:
         steps), replay_ms (a CUDA-graph replay's device time, graph classes).
     seeds: drawn in the trial, after the engine started: "tokens" (the timed run's prompt token ids,
         novainfer.ab.workload) and "gate_sample" (which planned steps the gate replayed, drawn after the run).
+    online calibers (TrialRequest.serving) add the latency metrics of novainfer.ab.trial.latency: <ttft|tpot|itl|
+        e2e>_ms_<mean|median|p90|p99> over the steady window, request_throughput, offered_rate, declared_rate,
+        good_requests, good_fraction, goodput_req_s, queue_wait_ms_mean, the window and the SLO declared
+        (slo_<target>, slo_attainment); and reconstructed_steps_off (recorded steps the run's reconstruction
+        misses) in place of schedule_steps_off.
     outputs: every request's output token ids of the timed run, in workload order: what the output check
         (novainfer.ab.trial.output_check) verifies, with metrics output_tokens_produced / _checked / _outside,
         output_margin, output_floor_delta, output_worst_ratio and output_check_seconds.
+    throttled: the GPU's thermal or power throttle reasons seen in the timed window, in words ("sw power cap");
+        None when it saw none, or had no telemetry (novainfer.ab.trial.telemetry; its gpu_* metrics and tags).
+    telemetry: the GPU's state sampled over the timed window: "t_s" (seconds into it) and one list per
+        quantity (sm_clock_mhz, mem_clock_mhz, temperature_c, power_w); empty without telemetry.
     """
 
     sweep_id: str
@@ -95,6 +108,8 @@ class TrialRecord:
     outputs: list[list[int]] = field(default_factory=list)
     started_at: float = 0.0
     finished_at: float = 0.0
+    throttled: str | None = None
+    telemetry: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +147,7 @@ class TrialRequest:
     source_dir: str  # where the experiment file lives, for the git commit tag
     extra: dict[str, Any] = field(default_factory=dict)
     peer: dict[str, Any] | None = None  # a peer arm's {"peer": name, **its settings}; None runs our engine
+    serving: ServingSettings | None = None  # an online caliber's arrivals and SLO (novainfer.ab.serving); None: offline
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -141,6 +157,8 @@ class TrialRequest:
         data = json.loads(text)
         data["workload"] = Workload(**data["workload"])
         data["gate"] = GateSettings(**data["gate"])
+        if data.get("serving") is not None:
+            data["serving"] = ServingSettings.from_dict(data["serving"])
         return cls(**data)
 
 

@@ -15,6 +15,10 @@ The lengths are the caliber and stay the same for every arm. The timed run's tok
 trial, after its engine has started, from a seed the trial records (`prompts(token_seed)`): a backend cannot
 compute the workload during start-up and replay it inside the timed window, and the check of the run's outputs
 rebuilds the same prompts from the recorded seed. bench.py's own ids (`prompts()`) serve the untimed warm-up.
+
+With a length mix (`lengths`, novainfer.ab.lengths: vLLM's random, a ShareGPT-like log-normal, shared prefixes)
+the mix draws the lengths from the seed instead, and `input_len` / `output_len` are the mix's bounds; in a
+shared-prefix mix every request of a group starts with the same ids (drawn first, one prefix per group).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from novainfer.ab.lengths import LengthMix
 
 # bench.py draws token ids with randint(0, 10000), both ends included: the model's vocabulary must exceed it.
 MAX_TOKEN_ID = 10000
@@ -40,14 +46,31 @@ class Workload:
     input_len: tuple[int, int]
     output_len: tuple[int, int]
     seed: int = 0
+    lengths: LengthMix | None = None  # None: bench.py's uniform draws from input_len and output_len
 
     def __post_init__(self) -> None:
         # A JSON round trip turns the ranges into lists; keep them tuples so equal workloads compare equal.
         object.__setattr__(self, "input_len", tuple(self.input_len))
         object.__setattr__(self, "output_len", tuple(self.output_len))
+        if isinstance(self.lengths, dict):
+            object.__setattr__(self, "lengths", LengthMix(**self.lengths))
+
+    def recipe(self) -> dict[str, Any]:
+        """What fixes the workload, as plain data (the sweep's identity, the MLflow dataset): the mix only when
+        there is one, so a uniform workload keeps the recipe it had before mixes existed."""
+        recipe: dict[str, Any] = {
+            "num_seqs": self.num_seqs, "input_len": list(self.input_len), "output_len": list(self.output_len),
+            "seed": self.seed,
+        }
+        if self.lengths is not None:
+            recipe["lengths"] = self.lengths.to_dict()
+        return recipe
 
     @cached_property
     def _drawn(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        if self.lengths is not None:
+            prompt_lens, output_lens = self.lengths.draw(self.num_seqs, self.seed)
+            return _token_ids(self.lengths, random.Random(self.seed), prompt_lens), tuple(output_lens)
         rng = random.Random(self.seed)
         in_lo, in_hi = self.input_len
         out_lo, out_hi = self.output_len
@@ -64,6 +87,8 @@ class Workload:
         if token_seed is None:
             return [list(p) for p in self._drawn[0]]
         rng = random.Random(token_seed)
+        if self.lengths is not None:
+            return [list(p) for p in _token_ids(self.lengths, rng, [len(p) for p in self._drawn[0]])]
         return [[rng.randint(0, MAX_TOKEN_ID) for _ in p] for p in self._drawn[0]]
 
     def output_lens(self) -> list[int]:
@@ -78,6 +103,18 @@ class Workload:
     def expected_output_tokens(self) -> int:
         """The output tokens a correct run of the whole workload produces: the caliber check's target."""
         return sum(self._drawn[1])
+
+
+def _token_ids(mix: LengthMix, rng: random.Random, prompt_lens: list[int]) -> tuple[tuple[int, ...], ...]:
+    """Token ids of a mix's prompts: each group's shared prefix first, then every prompt's own ids."""
+    groups = mix.num_groups if mix.mix == "shared_prefix" else 0
+    prefixes = [tuple(rng.randint(0, MAX_TOKEN_ID) for _ in range(mix.prefix_len)) for _ in range(groups)]
+    prompts = []
+    for i, n in enumerate(prompt_lens):
+        group = mix.group(i)
+        prefix = prefixes[group] if group is not None else ()
+        prompts.append(prefix + tuple(rng.randint(0, MAX_TOKEN_ID) for _ in range(n - len(prefix))))
+    return tuple(prompts)
 
 
 class TeacherForcingInputs(NamedTuple):

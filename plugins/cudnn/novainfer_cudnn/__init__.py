@@ -89,5 +89,6 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
             unavailable=unavailable,
             versions=_versions,
             description="cuDNN paged SDPA graphs, every shape bucket built at start",
+            contract_version=2,
         )
     )

@@ -77,5 +77,6 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
                 "FlashAttention paged varlen: flash-attn-4 (sm90/sm100, any block size) or flash-attn 2 "
                 "(sm80+, blocks of a multiple of 256)"
             ),
+            contract_version=2,
         )
     )

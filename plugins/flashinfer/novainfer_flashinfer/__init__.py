@@ -53,5 +53,6 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
             unavailable=_unavailable,
             versions=_versions,
             description="FlashInfer paged decode and prefill wrappers",
+            contract_version=2,
         )
     )

@@ -55,5 +55,6 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
             unavailable=unavailable,
             versions=_versions,
             description="PyTorch reference (gather + SDPA) on any device, Triton kernels on CUDA",
+            contract_version=2,
         )
     )

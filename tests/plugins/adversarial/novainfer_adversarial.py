@@ -16,6 +16,10 @@ wrong-at-max-seqs:       zeros in decode-only steps whose real sequences number 
 wrong-in-row-3:          zeros row 3 only (the 4th decode) of decode-only steps of at least 4 sequences.
 wrong-for-lengths-39-46: zeros for sequences whose length (cached prefix + this step's tokens) is 39 to 46.
 small-uniform-error:     scales every attention output by 1.006: a 0.6% error everywhere, no row zeroed.
+reuses-colliding-prefix: right attention, but the engine's prefix cache names a block by its place in the prompt
+                         alone (a hash that collides): a request reuses another prompt's first blocks.
+reuses-evicted-block:    right attention, but the engine's prefix cache keeps a block's name when the block is
+                         handed out again: a request reuses a prefix whose tokens were overwritten.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 
 import torch
 
+import novainfer.prefix_cache
+import novainfer.sequence
 from novainfer.backend_api import AttentionContext, BackendSpec, Capabilities, StepBatch, hookimpl
 from novainfer.engine import LLM, RequestOutput
 from novainfer_native.backend import NativeBackend
@@ -252,6 +258,24 @@ def _move(outputs: list[RequestOutput]) -> list[RequestOutput]:
     return [*moved, *outputs[2:]]
 
 
+def _colliding_names(tokens: Any, block_size: int) -> list[bytes]:
+    return [index.to_bytes(16, "little") for index in range(len(tokens) // block_size)]
+
+
+def _broken_prefix_cache(breakage: str) -> Callable[[AttentionContext], object]:
+    """A backend whose creation breaks this process's prefix cache the way `breakage` says (the engine's
+    blocks are the core's, so only patching the core can model a broken reuse)."""
+
+    def create(context: AttentionContext) -> object:
+        if breakage == "collide":
+            novainfer.sequence.chain_hashes = _colliding_names
+        else:
+            novainfer.prefix_cache.PrefixCache.evict = lambda self, block: None
+        return NativeBackend(context)
+
+    return create
+
+
 def _misreporting(change: Callable[[list[RequestOutput]], list[RequestOutput]]) -> Callable[[AttentionContext], object]:
     def create(context: AttentionContext) -> object:
         _patch_outputs(change)
@@ -280,6 +304,8 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
         "wrong-in-row-3": WrongInRow,
         "wrong-for-lengths-39-46": WrongForLengths,
         "small-uniform-error": SmallUniformError,
+        "reuses-colliding-prefix": _broken_prefix_cache("collide"),
+        "reuses-evicted-block": _broken_prefix_cache("keep names"),
     }
     for name, create in backends.items():
-        register(BackendSpec(name, create, caps))
+        register(BackendSpec(name, create, caps, contract_version=2))

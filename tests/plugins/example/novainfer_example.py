@@ -53,5 +53,8 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
         BackendSpec(
             name="example", create=ExampleBackend,
             capabilities=Capabilities(devices=("cpu", "cuda"), dtypes=("float32", "bfloat16", "float16")),
+            # The contract this file was written from (backend_api.CONTRACT_VERSION then), as a literal: a core
+            # of another contract refuses it rather than run it on rules it never read.
+            contract_version=2,
         )
     )

@@ -47,4 +47,4 @@ def register_backends(register: Callable[[BackendSpec], None]) -> None:
     caps = Capabilities(devices=("cpu",), dtypes=("float32",))
     backends: dict[str, Callable[[AttentionContext], object]] = {"raises": Raises, "hangs": Hangs, "wrong": Wrong}
     for name, create in backends.items():
-        register(BackendSpec(name, create, caps, description=f"test backend that {name}"))
+        register(BackendSpec(name, create, caps, description=f"test backend that {name}", contract_version=2))

@@ -10,4 +10,4 @@ from novainfer.backend_api import BackendSpec, Capabilities, hookimpl
 
 @hookimpl
 def register_backend(register: Callable[[BackendSpec], None]) -> None:
-    register(BackendSpec("misspelled", object, Capabilities(devices=("cpu",), dtypes=("float32",))))
+    register(BackendSpec("misspelled", object, Capabilities(devices=("cpu",), dtypes=("float32",)), contract_version=2))

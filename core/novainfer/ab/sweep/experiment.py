@@ -3,7 +3,13 @@
 A file has four tables (unknown keys are rejected everywhere, so a typo never silently becomes a default):
 
     [workload]  name (optional), num_seqs, input_len = [lo, hi], output_len = [lo, hi], seed = 0
-                (nano-vllm bench.py's random workload; EOS is always ignored)
+                (nano-vllm bench.py's random workload; EOS is always ignored), or, in place of the two
+                ranges, [workload.lengths] mix = "random" | "sharegpt" | "shared_prefix" and the mix's own
+                keys (novainfer.ab.lengths: LENGTH_TABLES below);
+                [workload.arrivals] rate (requests/s; a list of rates is an axis of its own, "rate"),
+                burstiness = 1.0, max_concurrency (optional): an online caliber (novainfer.ab.serving)
+    [metrics]   online calibers only: steady_state = [0.1, 0.9] (the requests' fractions, in arrival order,
+                whose latencies count), [metrics.slo] ttft_ms, tpot_ms, e2e_ms (each optional), attainment = 0.9
     [engine]    any EngineConfig field; the arms start from these values
     [sweep]     axes (required: axis -> list of values; an axis is `backend` or any EngineConfig field),
                 repeats = 3, order = "interleaved" | "blocked", baseline = {axis = value, ...} (default: the
@@ -25,6 +31,7 @@ is far above any sweep we run:
     sweep.repeats <= 1,000, and arms x repeats <= 10,000 trials (checked before the arms or the plan are built);
     sweep.trial_timeout_s <= 604,800 (7 days); no float anywhere may be inf or nan.
 A numeric kv_cache_capacity must hold the workload's longest request (input hi + output hi tokens) on its own.
+    workload.arrivals.rate <= 1,000,000 requests/s, at most 100 rates.
 
 Every problem is reported as one `ExperimentError` line, `<file>: <field>: <problem>`, the field a dotted path
 into the file (`workload.input_len`, `sweep.axes.block_size`), so the CLI can print it and exit 2.
@@ -40,6 +47,7 @@ import hashlib
 import itertools
 import json
 import math
+import random
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -50,6 +58,8 @@ from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
+from novainfer.ab.lengths import SHAREGPT_CLIP, SHAREGPT_INPUT_MEAN, SHAREGPT_OUTPUT_MEAN, LengthMix
+from novainfer.ab.serving import Arrivals, ServingSettings, Slo
 from novainfer.ab.trial.peers import PEERS
 from novainfer.ab.workload import MAX_TOKEN_ID, Workload
 from novainfer.block_manager import blocks_for
@@ -63,6 +73,9 @@ MAX_TOKEN_LEN = 1_000_000
 MAX_REPEATS = 1_000
 MAX_TRIALS = 10_000
 MAX_TRIAL_TIMEOUT_S = 7 * 24 * 3600
+MAX_RATE = 1_000_000.0
+MAX_RATES = 100
+RATE_AXIS = "rate"  # the axis a list of arrival rates makes (its arms' label reads "...,rate=10")
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 ENGINE_FIELDS = tuple(f.name for f in fields(EngineConfig))
 
@@ -106,20 +119,115 @@ def _length_range(value: Any) -> tuple[int, int]:
     return lo, hi
 
 
+class ArrivalsTable(_Table):
+    """[workload.arrivals]: an online caliber (novainfer.ab.serving.Arrivals); a list of rates is an axis."""
+
+    rate: float | list[float]
+    burstiness: float = Field(1.0, gt=0, le=1000)
+    max_concurrency: int | None = Field(None, ge=1, le=MAX_NUM_SEQS)
+
+    @field_validator("rate")
+    @classmethod
+    def check_rate(cls, value: float | list[float]) -> float | list[float]:
+        rates = value if isinstance(value, list) else [value]
+        if not 1 <= len(rates) <= MAX_RATES:
+            raise ValueError(f"a list of 1 to {MAX_RATES} rates, got {len(rates)}")
+        if any(not 0 < r <= MAX_RATE for r in rates):
+            raise ValueError(f"a rate is requests per second, > 0 and <= {MAX_RATE:,.0f}, got {_show(value)}")
+        if len(set(rates)) != len(rates):
+            raise ValueError(f"duplicate rate in {_show(value)}")
+        return value
+
+
 class WorkloadTable(_Table):
-    """[workload]: nano-vllm bench.py's random workload."""
+    """[workload]: nano-vllm bench.py's random workload, or a length mix ([workload.lengths]); arrivals make it
+    online."""
 
     # The name becomes part of the sweep's directory name (and a glob pattern), hence the plain characters.
     name: str | None = Field(None, pattern=NAME_PATTERN)
     num_seqs: int = Field(gt=0, le=MAX_NUM_SEQS)
-    input_len: tuple[int, int]
-    output_len: tuple[int, int]
+    input_len: tuple[int, int] | None = None  # required unless [workload.lengths] sets the lengths (_workload)
+    output_len: tuple[int, int] | None = None
     seed: int = 0
+    lengths: dict[str, Any] | None = None  # validated against its mix's table on load (_length_mix)
+    arrivals: ArrivalsTable | None = None
 
     @field_validator("input_len", "output_len", mode="before")
     @classmethod
     def check_range(cls, value: Any) -> tuple[int, int]:
         return _length_range(value)
+
+
+class _LengthsTable(_Table):
+    input_len: int = Field(ge=1, le=MAX_TOKEN_LEN)
+    output_len: int = Field(ge=1, le=MAX_TOKEN_LEN)
+
+
+class RandomLengths(_LengthsTable):
+    """mix = "random": vLLM's random dataset, lengths uniform in [L (1 - range_ratio), L (1 + range_ratio)]."""
+
+    mix: Literal["random"]
+    range_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class ShareGptLengths(_LengthsTable):
+    """mix = "sharegpt": a clipped log-normal with ShareGPT's published means (novainfer.ab.lengths)."""
+
+    mix: Literal["sharegpt"]
+    input_len: int = Field(SHAREGPT_INPUT_MEAN, ge=1, le=MAX_TOKEN_LEN)
+    output_len: int = Field(SHAREGPT_OUTPUT_MEAN, ge=1, le=MAX_TOKEN_LEN)
+    sigma: float = Field(1.0, gt=0, le=3)
+    input_clip: tuple[int, int] = SHAREGPT_CLIP
+    output_clip: tuple[int, int] = SHAREGPT_CLIP
+
+    @field_validator("input_clip", "output_clip", mode="before")
+    @classmethod
+    def check_range(cls, value: Any) -> tuple[int, int]:
+        return _length_range(value)
+
+
+class SharedPrefixLengths(RandomLengths):
+    """mix = "shared_prefix": num_groups system prompts of prefix_len tokens, each before random questions."""
+
+    mix: Literal["shared_prefix"]  # type: ignore[assignment]  # narrows the random table's tag
+    num_groups: int = Field(ge=1, le=MAX_NUM_SEQS)
+    prefix_len: int = Field(ge=1, le=MAX_TOKEN_LEN)
+
+
+# [workload.lengths] by its mix: which table it is validated against.
+LENGTH_TABLES: dict[str, type[_LengthsTable]] = {
+    "random": RandomLengths, "sharegpt": ShareGptLengths, "shared_prefix": SharedPrefixLengths,
+}
+
+
+class SloTable(_Table):
+    """[metrics.slo]: latency targets in milliseconds and the attainment that meets them (novainfer.ab.serving.Slo)."""
+
+    ttft_ms: float | None = Field(None, gt=0)
+    tpot_ms: float | None = Field(None, gt=0)
+    e2e_ms: float | None = Field(None, gt=0)
+    attainment: float = Field(0.9, gt=0, le=1)
+
+
+class MetricsTable(_Table):
+    """[metrics]: what an online caliber reports: the steady window (fractions of the requests in arrival
+    order) and the SLO."""
+
+    steady_state: tuple[float, float] = (0.1, 0.9)
+    slo: SloTable = SloTable()
+
+    @field_validator("steady_state", mode="before")
+    @classmethod
+    def check_window(cls, value: Any) -> tuple[float, float]:
+        if (
+            not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValueError(f"expected [lo, hi], two fractions of the requests, got {_show(value)}")
+        lo, hi = value
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"must satisfy 0 <= lo < hi <= 1, got [{lo}, {hi}]")
+        return float(lo), float(hi)
 
 
 class CorrectnessTable(_Table):
@@ -207,6 +315,7 @@ class ExperimentFile(_Table):
     engine: EngineTable = EngineTable()
     sweep: SweepTable
     mlflow: MlflowTable = MlflowTable()
+    metrics: MetricsTable | None = None
 
 
 @cache
@@ -276,6 +385,9 @@ class Experiment:
     sweep_id: 12 hex digits of SHA-256 over the canonical JSON of to_dict(), what is measured: the same
         experiment, written with or without defaults, comments or reordered tables, gets the same id; the
         workload's name and [mlflow] (labels and destinations) are not part of it.
+    serving: an online caliber's arrivals (the first rate when the rate is an axis), SLO and steady window;
+        None: offline. Each arm's own is serving_for(arm).
+    rates: the rate axis's values, or None when the rate is not an axis.
     """
 
     path: Path
@@ -287,10 +399,18 @@ class Experiment:
     arms: tuple[Arm, ...]
     baseline: Arm
     sweep_id: str
+    serving: ServingSettings | None = None
+    rates: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved content that defines the sweep (what sweep_id hashes)."""
-        return _identity(self.workload, self.engine, self.sweep, self.baseline)
+        return _identity(self.workload, self.engine, self.sweep, self.baseline, self.serving, self.rates)
+
+    def serving_for(self, arm: Arm) -> ServingSettings | None:
+        """The online settings an arm's trials run with: its own rate where the rate is an axis."""
+        if self.serving is None or RATE_AXIS not in arm.params:
+            return self.serving
+        return replace(self.serving, arrivals=replace(self.serving.arrivals, rate=float(arm.params[RATE_AXIS])))
 
     @property
     def baseline_arm(self) -> str:
@@ -316,23 +436,23 @@ class Experiment:
         return flat
 
 
-def _identity(workload: Workload, engine: EngineConfig, sweep: SweepTable, baseline: Arm) -> dict[str, Any]:
+def _identity(
+    workload: Workload, engine: EngineConfig, sweep: SweepTable, baseline: Arm,
+    serving: ServingSettings | None = None, rates: tuple[float, ...] | None = None,
+) -> dict[str, Any]:
     sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline", "peers", "executor", "ray"})
     # Axis order decides arm labels and trial order, so it is part of the identity: a dict would be key-sorted.
     sweep_dict["axes"] = [[axis, values] for axis, values in sweep.axes.items()]
     sweep_dict["baseline"] = baseline.label
     if sweep.peers:  # only when present, so a sweep without peers keeps the id it had before peers existed
         sweep_dict["peers"] = sweep.peers
-    return {
-        "workload": {
-            "num_seqs": workload.num_seqs,
-            "input_len": list(workload.input_len),
-            "output_len": list(workload.output_len),
-            "seed": workload.seed,
-        },
-        "engine": engine.to_dict(),
-        "sweep": sweep_dict,
-    }
+    identity = {"workload": workload.recipe(), "engine": engine.to_dict(), "sweep": sweep_dict}
+    if serving is not None:  # only online calibers carry it, so an offline sweep keeps the id it had
+        online = serving.to_dict()
+        if rates is not None:
+            online["arrivals"]["rate"] = list(rates)
+        identity["serving"] = online
+    return identity
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -355,18 +475,32 @@ def load_experiment(path: Path) -> Experiment:
     return _resolve(path, parsed)
 
 
-def plan_trials(experiment: Experiment) -> list[TrialSpec]:
+def plan_trials(experiment: Experiment, order_seed: int | None = None) -> list[TrialSpec]:
     """Every trial in run order: interleaved (A B C A B C ...) or blocked (A A B B C C).
 
     Interleaving is the default because slow drift (thermals, clocks, a neighbour's load) then spreads over
-    every arm instead of biasing whichever arm ran last.
+    every arm instead of biasing whichever arm ran last. With `order_seed` (a sweep draws one and records it,
+    novainfer.ab.sweep.runner.order_seed_for) the arms of each interleaved repeat block run in an order shuffled
+    from the seed and the repeat (C A B, B C A, ...), so that a warm-up or drift within a block favours no arm
+    always; the same seed plans the same trials in the same order, which --resume relies on. None keeps the file's
+    order in every block.
     """
     repeats = range(experiment.sweep.repeats)
     if experiment.sweep.order == "interleaved":
-        pairs = [(arm, r) for r in repeats for arm in experiment.arms]
+        pairs = [(arm, r) for r in repeats for arm in _block_order(experiment.arms, order_seed, r)]
     else:
         pairs = [(arm, r) for arm in experiment.arms for r in repeats]
     return [TrialSpec(f"{arm.label}#{r}", arm, r, i) for i, (arm, r) in enumerate(pairs)]
+
+
+def _block_order(arms: tuple[Arm, ...], order_seed: int | None, repeat: int) -> list[Arm]:
+    """The arms of repeat block `repeat`, shuffled from (order_seed, repeat); as in the file without a seed."""
+    if order_seed is None:
+        return list(arms)
+    # A string seed is hashed by SHA-512 (random.seed, version 2): the same order on every platform and run.
+    shuffled = list(arms)
+    random.Random(f"nova-ab order {order_seed} {repeat}").shuffle(shuffled)
+    return shuffled
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,23 +508,31 @@ def plan_trials(experiment: Experiment) -> list[TrialSpec]:
 
 
 def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
-    _check_trial_count(path, parsed.sweep)
     wl = parsed.workload
-    workload = Workload(wl.num_seqs, wl.input_len, wl.output_len, wl.seed)
+    serving, rates = _serving(path, parsed)
+    _check_trial_count(path, parsed.sweep, len(rates) if rates else 1)
+    workload = _workload(path, wl)
     engine_values = parsed.engine.model_dump()
     engine = _engine_config(path, engine_values, {})
     axes = parsed.sweep.axes
     for axis, values in axes.items():
         _check_axis(path, axis, values)
+    rate_axis = {RATE_AXIS: list(rates)} if rates else {}
 
     arms = []
-    for combo in itertools.product(*axes.values()):
-        params = dict(zip(axes, combo, strict=True))
-        config = _engine_config(path, {**engine_values, **params}, params)
+    for combo in itertools.product(*axes.values(), *rate_axis.values()):
+        params = dict(zip([*axes, *rate_axis], combo, strict=True))
+        settings = {k: v for k, v in params.items() if k != RATE_AXIS}
+        config = _engine_config(path, {**engine_values, **settings}, settings)
         arms.append(Arm(_label(params), params, config))
 
     arms = [_resolved_model(path, arm) for arm in arms]
     peer_arms, peers = _peer_arms(path, parsed.sweep.peers, engine_values)
+    if rates:  # a peer runs at every rate too, on the same arrivals as ours
+        peer_arms = [
+            replace(arm, label=_label({**arm.params, RATE_AXIS: rate}), params={**arm.params, RATE_AXIS: rate})
+            for arm in peer_arms for rate in rates
+        ]
     arms += [_resolved_model(path, arm) for arm in peer_arms]
     _check_lengths(path, workload, arms)
     _check_kv_capacity(path, workload, arms)
@@ -404,18 +546,81 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
         )
     sweep = parsed.sweep.model_copy(update={"warmup_seqs": warmup, "peers": peers})
 
-    baseline = _baseline(path, parsed.sweep.baseline, axes, arms)
+    # With a rate axis the baseline is named without it (it is the baseline at every rate): picked at one rate.
+    at_rate = (parsed.sweep.baseline or {}).get(RATE_AXIS, rates[0]) if rates else None
+    candidates = [arm for arm in arms if arm.params.get(RATE_AXIS) == at_rate] if rates else arms
+    baseline = _baseline(path, parsed.sweep.baseline, {**axes, **rate_axis}, candidates)
     name = wl.name or re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)
-    identity = json.dumps(_identity(workload, engine, sweep, baseline), sort_keys=True, separators=(",", ":"))
+    identity = json.dumps(
+        _identity(workload, engine, sweep, baseline, serving, rates), sort_keys=True, separators=(",", ":")
+    )
     return Experiment(
         path=path, name=name, workload=workload, engine=engine, sweep=sweep, mlflow=parsed.mlflow,
         arms=tuple(arms), baseline=baseline, sweep_id=hashlib.sha256(identity.encode()).hexdigest()[:12],
+        serving=serving, rates=rates,
     )
 
 
-def _check_trial_count(path: Path, sweep: SweepTable) -> None:
-    """At most MAX_TRIALS trials, counted from the table alone: the arms and the plan are built only after."""
-    num_arms = math.prod(len(values) for values in sweep.axes.values()) + len(sweep.peers)
+def _workload(path: Path, wl: WorkloadTable) -> Workload:
+    """The workload: bench.py's uniform ranges, or a length mix whose bounds stand for the ranges."""
+    if wl.lengths is None:
+        for key in ("input_len", "output_len"):
+            if getattr(wl, key) is None:
+                raise ExperimentError(path, f"workload.{key}", "required key is missing (or a [workload.lengths] mix)")
+        return Workload(wl.num_seqs, wl.input_len, wl.output_len, wl.seed)
+    for key in ("input_len", "output_len"):
+        if getattr(wl, key) is not None:
+            raise ExperimentError(
+                path, f"workload.{key}", "not with [workload.lengths]: the mix sets the lengths (its own input_len)"
+            )
+    mix = _length_mix(path, wl.lengths)
+    (in_lo, in_hi), (out_lo, out_hi) = mix.bounds()
+    if max(in_hi, out_hi) > MAX_TOKEN_LEN:
+        raise ExperimentError(
+            path, "workload.lengths", f"lengths up to {max(in_hi, out_hi):,} exceed {MAX_TOKEN_LEN:,}"
+        )
+    return Workload(wl.num_seqs, (in_lo, in_hi), (out_lo, out_hi), wl.seed, mix)
+
+
+def _length_mix(path: Path, table: dict[str, Any]) -> LengthMix:
+    """[workload.lengths] validated against its mix's own table (LENGTH_TABLES)."""
+    mix, mixes = table.get("mix"), ", ".join(LENGTH_TABLES)
+    if mix is None:
+        raise ExperimentError(path, "workload.lengths.mix", f"required key is missing; mixes: {mixes}")
+    if not isinstance(mix, str) or mix not in LENGTH_TABLES:
+        raise ExperimentError(path, "workload.lengths.mix", f"unknown mix {_show(mix)}; mixes: {mixes}")
+    schema = LENGTH_TABLES[mix]
+    try:
+        resolved = schema.model_validate(table)
+    except ValidationError as error:
+        field, problem = _describe(error, table, schema)
+        raise ExperimentError(path, f"workload.lengths.{field}", problem) from None
+    return LengthMix(**resolved.model_dump())
+
+
+def _serving(path: Path, parsed: ExperimentFile) -> tuple[ServingSettings | None, tuple[float, ...] | None]:
+    """The online settings ([workload.arrivals] and [metrics]) and the rate axis's values, if any."""
+    arrivals, metrics = parsed.workload.arrivals, parsed.metrics
+    if arrivals is None:
+        if metrics is not None:
+            raise ExperimentError(path, "metrics", "latency metrics need an online caliber: add [workload.arrivals]")
+        return None, None
+    # Whole rates print as integers in labels ("rate=10", not "rate=10.0").
+    listed = arrivals.rate if isinstance(arrivals.rate, list) else [arrivals.rate]
+    rates = [int(r) if float(r).is_integer() else r for r in listed]
+    metrics = metrics or MetricsTable()
+    settings = ServingSettings(
+        Arrivals(float(rates[0]), arrivals.burstiness, arrivals.max_concurrency),
+        Slo(**metrics.slo.model_dump()),
+        metrics.steady_state,
+    )
+    return settings, tuple(rates) if isinstance(arrivals.rate, list) else None
+
+
+def _check_trial_count(path: Path, sweep: SweepTable, rates: int = 1) -> None:
+    """At most MAX_TRIALS trials, counted from the table alone: the arms and the plan are built only after.
+    `rates`: the values of the rate axis, which multiply every arm, peers included."""
+    num_arms = (math.prod(len(values) for values in sweep.axes.values()) + len(sweep.peers)) * rates
     trials = num_arms * sweep.repeats
     if trials <= MAX_TRIALS:
         return
@@ -449,7 +654,10 @@ def _engine_config(
 def _check_axis(path: Path, axis: str, values: list[Any]) -> None:
     field = f"sweep.axes.{axis}"
     if axis not in ENGINE_FIELDS:
-        raise ExperimentError(path, field, f"unknown axis; an axis is an engine setting: {', '.join(ENGINE_FIELDS)}")
+        hint = "; a list of rates in [workload.arrivals] makes the rate an axis" if axis == RATE_AXIS else ""
+        raise ExperimentError(
+            path, field, f"unknown axis; an axis is an engine setting: {', '.join(ENGINE_FIELDS)}{hint}"
+        )
     adapter = _engine_field_adapter(axis)
     seen = set()
     for value in values:
@@ -603,7 +811,10 @@ _EXPECTED = {
     "dict_type": "a table",
     "model_type": "a table",
 }
-_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than_equal": ("le", "<=")}
+_BOUNDS = {
+    "greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
 
 
 def _show(value: Any) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 SEPARATOR = " · "
@@ -61,6 +62,24 @@ def _parts(params: dict[str, Any], varying: set[str]) -> list[str]:
         else:
             parts.append(f"{ABBREVIATIONS.get(key, key)}={_show(value)}")
     return parts
+
+
+def record_names(records: Iterable[HasArm]) -> dict[str, str]:
+    """Arm label -> short name from a sweep's records (what `nova-ab compare` reads back from MLflow): the names
+    arm_names gave the sweep's arms, each record carrying its arm's label and params."""
+    arms = {r.arm: _ArmOfRecord(r.arm, r.arm_params) for r in records}
+    return arm_names(list(arms.values()))
+
+
+class HasArm(Protocol):
+    arm: str
+    arm_params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _ArmOfRecord:
+    label: str
+    params: dict[str, Any]
 
 
 def trial_name(arm_name: str, repeat: int) -> str:

@@ -15,7 +15,16 @@ from rich.console import Console
 from rich.table import Table
 
 from novainfer.ab.sweep.names import metric_prefix
-from novainfer.ab.sweep.statistics import HEADLINE, NEVER_MET, PHASES, ArmSummary, baseline_problem, pct, rank
+from novainfer.ab.sweep.statistics import (
+    HEADLINE,
+    MIN_INTERVAL_REPEATS,
+    NEVER_MET,
+    PHASES,
+    ArmSummary,
+    baseline_problem,
+    pct,
+    rank,
+)
 from novainfer.ab.wire import MEASURED, RANKABLE
 
 if TYPE_CHECKING:
@@ -23,9 +32,18 @@ if TYPE_CHECKING:
 
 
 def verdict(summaries: Sequence[ArmSummary], names: Mapping[str, str] | None = None) -> str:
-    """The sweep's answer in one or two plain sentences: the winner and by how much, or why there is none.
-    `names` gives arms short names (novainfer.ab.sweep.names) in place of their labels."""
-    named = names or {}
+    """The sweep's answer in one or two plain sentences: the winner and by how much, or why there is none, and
+    how many trials the GPU throttled (a throttled trial looks like a slow arm). `names` gives arms short names
+    (novainfer.ab.sweep.names) in place of their labels."""
+    answer = _verdict(summaries, names or {})
+    throttled = sum(s.throttled for s in summaries)
+    if throttled:
+        trials = "1 trial" if throttled == 1 else f"{throttled} trials"
+        answer += f" {trials} ran on a GPU throttled for heat or power (THROTTLED in the table)."
+    return answer
+
+
+def _verdict(summaries: Sequence[ArmSummary], named: Mapping[str, str]) -> str:
     baseline = next((s for s in summaries if s.is_baseline), None)
     problem = baseline_problem(baseline)
     if problem is not None or baseline is None:
@@ -33,7 +51,12 @@ def verdict(summaries: Sequence[ArmSummary], names: Mapping[str, str] | None = N
     base = named.get(baseline.arm, baseline.arm)
     winner = next((s for s in summaries if s.winner), None)
     if winner is not None and winner.speedup is not None:
-        evidence = f"{_num(winner.median)} tok/s, 95% interval {_interval(winner)}"
+        evidence = f"{_num(winner.median)} tok/s, " + (
+            f"95% interval {_interval(winner)}" if winner.ci else f"{_interval(winner)}, {TOO_FEW_FOR_INTERVAL}"
+        )
+        if winner.speedup_ci is not None:
+            low, high = winner.speedup_ci
+            evidence += f"; speedup 95% interval {low:.2f}-{high:.2f}x"
         if winner.paired_blocks is not None and winner.speedup_ci is not None:
             low, high = winner.speedup_ci
             evidence = f"paired by GPU over {_blocks(winner.paired_blocks)}, 95% interval {low:.2f}-{high:.2f}x"
@@ -76,21 +99,29 @@ def console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=180)
 
 
-def render_table(summaries: Sequence[ArmSummary]) -> Table:
-    """A table of the summaries, readable in a 100-column terminal (notes go under the arm's label).
+def render_table(summaries: Sequence[ArmSummary], names: Mapping[str, str] | None = None) -> Table:
+    """A table of the summaries, readable in a 100-column terminal (notes go under the arm's name).
 
-    The caption explains the columns and ends with the verdict (see verdict), so that every caller that
-    prints the table prints the answer too.
+    `names` gives each arm its short name (novainfer.ab.sweep.names), the one MLflow, the trial lines and the
+    plot use; the caption spells out each short name's settings, explains the columns and ends with the verdict
+    (see verdict), so that every caller that prints the table prints the answer too.
     """
+    named = names or {}
     test = _test(summaries, welch="Welch t-test on log tok/s vs the baseline")
+    paired = any(s.paired_blocks is not None for s in summaries)
+    speedup = "see sig. (p)" if paired else "median ratio; its 95% interval (under the arm): Welch's on log tok/s"
     caption = (
-        "n: measured trials (ok + unverified) of all. 95% CI: t-interval of log tok/s (geometric mean). "
-        f"sig. (p): {test}, Holm-adjusted p < 0.05. {VERIFIED_LEGEND} caliber: requests off their length. "
-        "phases: share of the run in metadata/kv write/attention."
+        f"n: measured trials (ok + unverified) of all. 95% CI: t-interval of log tok/s (geometric mean), from "
+        f"{MIN_INTERVAL_REPEATS} measured trials; below that the range of the trials. speedup: {speedup}. "
+        f"sig. (p): {test}, Holm-adjusted p < 0.05. "
+        f"{VERIFIED_LEGEND} caliber: requests off their length. phases: share of the run in "
+        "metadata/kv write/attention."
     )
+    if arms := arm_legend(summaries, named):
+        caption = f"{arms}.\n{caption}"
     table = Table(
         title=f"Median {HEADLINE} by arm",
-        caption=f"{caption}\n{verdict(summaries)}",
+        caption=f"{caption}\n{verdict(summaries, named)}",
         caption_justify="left",
         header_style="bold",
         box=box.SIMPLE_HEAD,
@@ -111,10 +142,10 @@ def render_table(summaries: Sequence[ArmSummary]) -> Table:
     for s in summaries:
         notes = _notes(s)
         table.add_row(
-            s.arm + (f"\n  {notes}" if notes else ""),
+            named.get(s.arm, s.arm) + (f"\n  {notes}" if notes else ""),
             f"{s.n_measured}/{s.n_trials}",
             _num(s.median),
-            _interval(s),
+            _interval(s) + ("" if s.ci or s.value_range is None or s.n_measured < 2 else "\n(range)"),
             f"{s.speedup:.3f}x" if s.speedup is not None else "-",
             _significance(s),
             "\n".join(_verified_parts(s)),
@@ -142,8 +173,34 @@ def _num(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
+# What stands beside an arm whose measured trials are too few for an interval (statistics.MIN_INTERVAL_REPEATS).
+TOO_FEW_FOR_INTERVAL = "too few repeats for an interval"
+
+
 def _interval(s: ArmSummary) -> str:
-    return f"{_num(s.ci[0])}-{_num(s.ci[1])}" if s.ci else "-"
+    """The 95% interval; below MIN_INTERVAL_REPEATS measured trials, the range of the trials (one value: itself)."""
+    if s.ci:
+        return f"{_num(s.ci[0])}-{_num(s.ci[1])}"
+    if s.value_range is None:
+        return "-"
+    low, high = s.value_range
+    return _num(low) if low == high else f"{_num(low)}-{_num(high)}"
+
+
+def _speedup_cell(s: ArmSummary) -> str:
+    """The speedup and, where the repeats support one, its 95% interval: "1.100x (95%: 1.07-1.13x)"."""
+    if s.speedup is None:
+        return "-"
+    if s.speedup_ci is None:
+        return f"{s.speedup:.3f}x"
+    return f"{s.speedup:.3f}x (95%: {s.speedup_ci[0]:.2f}-{s.speedup_ci[1]:.2f}x)"
+
+
+def arm_legend(summaries: Sequence[ArmSummary], names: Mapping[str, str]) -> str:
+    """"arms: bt=64 is backend=native,max_num_batched_tokens=64; ...": what each short name stands for (empty
+    when every arm goes by its label)."""
+    pairs = [f"{names[s.arm]} is {s.arm}" for s in summaries if names.get(s.arm, s.arm) != s.arm]
+    return "arms: " + "; ".join(pairs) if pairs else ""
 
 
 def _p(p: float | None) -> str:
@@ -217,7 +274,13 @@ def _notes(s: ArmSummary) -> str:
         notes.append("FLAGGED, never wins")
     if _unverified(s):
         notes.append(f"{s.counts['unverified']} UNVERIFIED, never wins")
-    notes.extend(f"{n} {status}" for status, n in sorted(s.counts.items()) if status not in MEASURED)
+    notes.extend(_status_note(s, status, n) for status, n in sorted(s.counts.items()) if status not in MEASURED)
+    if s.throttled:
+        notes.append(f"{s.throttled} THROTTLED ({', '.join(s.throttle_reasons)})")
+    if s.ci is None and s.n_measured >= 2:
+        notes.append(f"{TOO_FEW_FOR_INTERVAL}: range of {s.n_measured} trials")
+    if s.speedup_ci is not None and not s.is_baseline and s.paired_blocks is None:
+        notes.append(f"speedup 95%: {s.speedup_ci[0]:.2f}-{s.speedup_ci[1]:.2f}x")
     if s.paired_blocks:
         notes.append(f"paired by GPU: {_blocks(s.paired_blocks)}")
     if s.repeats_needed is not None and s.resolvable_pct is not None:
@@ -225,6 +288,18 @@ def _notes(s: ArmSummary) -> str:
     elif s.undecided is not None:
         notes.append(s.undecided)
     return ", ".join(notes)
+
+
+# A trial's reason beside its status in the table is cut here: a log path or a traceback's first line can run long.
+REASON_CHARS = 100
+
+
+def _status_note(s: ArmSummary, status: str, n: int) -> str:
+    """"2 skipped: flashinfer is not installed (pip install ...)": the count, and why (the first trial's reason)."""
+    reason = s.reasons.get(status)
+    if not reason:
+        return f"{n} {status}"
+    return f"{n} {status}: {reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 3] + '...'}"
 
 
 def summary_metrics(summaries: Sequence[ArmSummary], names: dict[str, str]) -> dict[str, float]:
@@ -240,8 +315,15 @@ def summary_metrics(summaries: Sequence[ArmSummary], names: dict[str, str]) -> d
         values = {
             "median_tok_s": _rounded(s.median, 1),
             "speedup": _rounded(s.speedup, 3),
-            "ci_low": _rounded(s.ci[0], 1) if s.ci else None,
-            "ci_high": _rounded(s.ci[1], 1) if s.ci else None,
+            # To 4 significant digits: rounding to 0.1 tok/s once wrote an interval's 5e-9 as 0.
+            "ci_low": _significant(s.ci[0]) if s.ci else None,
+            "ci_high": _significant(s.ci[1]) if s.ci else None,
+            "speedup_ci_low": _significant(s.speedup_ci[0]) if s.speedup_ci else None,
+            "speedup_ci_high": _significant(s.speedup_ci[1]) if s.speedup_ci else None,
+            # Below MIN_INTERVAL_REPEATS, what there is instead of an interval.
+            "min_tok_s": _significant(s.value_range[0]) if s.value_range and not s.ci else None,
+            "max_tok_s": _significant(s.value_range[1]) if s.value_range and not s.ci else None,
+            "throttled_trials": s.throttled if s.throttled else None,
             "ok_trials": s.n_ok,
             "trials": s.n_trials,
             "verified": float(s.verification == "verified"),
@@ -258,11 +340,15 @@ def summary_metrics(summaries: Sequence[ArmSummary], names: dict[str, str]) -> d
     return metrics
 
 
-def summary_row(s: ArmSummary) -> dict[str, Any]:
-    """The arm as one row of `nova-ab compare --format csv|json`: the table's numbers unrounded."""
+def summary_row(s: ArmSummary, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The arm as one row of `nova-ab compare --format csv|json`: the table's numbers unrounded, the arm by its
+    short name (as everywhere else) and its settings in full."""
     return {
-        "arm": s.arm, "baseline": s.is_baseline, "measured": s.n_measured, "trials": s.n_trials,
+        "arm": (names or {}).get(s.arm, s.arm), "baseline": s.is_baseline, "measured": s.n_measured,
+        "trials": s.n_trials,
         "median_tok_s": s.median, "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None,
+        "min_tok_s": s.value_range[0] if s.value_range else None,
+        "max_tok_s": s.value_range[1] if s.value_range else None,
         "speedup": s.speedup, "p_value": s.p_value, "significant": s.significant, "winner": s.winner,
         "verification": s.verification, "tokens_checked": s.tokens_checked, "tokens_produced": s.tokens_produced,
         "tokens_outside": s.tokens_outside, "steps_checked": s.steps_checked, "run_steps": s.run_steps,
@@ -271,7 +357,13 @@ def summary_row(s: ArmSummary) -> dict[str, Any]:
         "paired_blocks": s.paired_blocks,
         "speedup_ci_low": s.speedup_ci[0] if s.speedup_ci else None,
         "speedup_ci_high": s.speedup_ci[1] if s.speedup_ci else None,
+        "throttled_trials": s.throttled, "throttle_reasons": ", ".join(s.throttle_reasons),
+        "settings": s.arm,
     }
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -291,8 +383,10 @@ def markdown(summaries: Sequence[ArmSummary], names: dict[str, str], title: str)
         arm = names.get(s.arm, s.arm) + (f" ({notes})" if notes else "")
         verified = " · ".join(_verified_parts(s))
         rows.append(
-            f"| {arm} | {s.n_measured} / {s.n_trials} | {_num(s.median)} | {_interval(s)} | "
-            f"{f'{s.speedup:.3f}x' if s.speedup is not None else '-'} | {_significance(s)} | {verified} | "
+            f"| {arm} | {s.n_measured} / {s.n_trials} | {_num(s.median)} | {_interval(s)}"
+            f"{'' if s.ci or s.n_measured < 2 else ' (range)'} | "
+            f"{_speedup_cell(s)} | {_significance(s)} | "
+            f"{verified} | "
             f"{s.requests_off if s.requests_off is not None else '-'} | {_phases_cell(s)} |"
         )
     labels = "\n".join(f"- {names[s.arm]}: `{s.arm}`" for s in summaries if names.get(s.arm, s.arm) != s.arm)
@@ -300,8 +394,10 @@ def markdown(summaries: Sequence[ArmSummary], names: dict[str, str], title: str)
     return (
         f"{verdict(summaries, names)}\n\n{title}\n\n" + "\n".join(rows)
         + (f"\n\nArms:\n{labels}" if labels else "")
-        + f"\n\nIntervals: t-interval of log tok/s; significance: {test}, Holm-adjusted; an arm "
-        f"whose checks failed, whose caliber is off, or that is unverified never wins. {VERIFIED_LEGEND}\n"
+        + f"\n\nIntervals: t-interval of log tok/s, from {MIN_INTERVAL_REPEATS} measured trials (below that, the "
+        "range of the trials); speedup intervals: Welch's on log tok/s (paired by GPU: the paired t); "
+        f"significance: {test}, Holm-adjusted; an arm whose checks failed, whose caliber is off, or that is "
+        f"unverified never wins. {VERIFIED_LEGEND}\n"
     )
 
 
@@ -332,25 +428,35 @@ def legend_categories(summaries: Sequence[ArmSummary]) -> list[str]:
     return [name for name in CATEGORIES if name in present]
 
 
-def plot(summaries: Sequence[ArmSummary], path: str | Path, title: str = "nova-ab sweep") -> Path:
+def plot(
+    summaries: Sequence[ArmSummary], path: str | Path, title: str = "nova-ab sweep",
+    names: Mapping[str, str] | None = None,
+) -> Path:
     """Write a PNG: median tok/s per arm with the geometric mean's 95% interval, and the median phase
     breakdown."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(path)
-    fig = figure(summaries, title)
+    fig = figure(summaries, title, names)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110)
     return path
 
 
-def figure(summaries: Sequence[ArmSummary], title: str = "nova-ab sweep") -> Figure:
-    """The comparison's figure: a Figure, not pyplot, so no global backend state and no display needed."""
+def figure(
+    summaries: Sequence[ArmSummary], title: str = "nova-ab sweep", names: Mapping[str, str] | None = None
+) -> Figure:
+    """The comparison's figure: a Figure, not pyplot, so no global backend state and no display needed.
+
+    The throughput axis follows the data (the trials' range and the medians): an interval reaching past it is cut
+    at its edge and marked there with an arrow, so one wide interval cannot shrink every bar to nothing.
+    """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    named = names or {}
     n = len(summaries)
-    labels = [_wrap_label(s.arm) for s in summaries]
+    labels = [_wrap_label(named.get(s.arm, s.arm)) for s in summaries]
     y = list(range(n))
     fig = Figure(figsize=(11, 2.2 + 0.5 * max(n, 1)), layout="constrained")
     speed, phases = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
@@ -375,15 +481,25 @@ def figure(summaries: Sequence[ArmSummary], title: str = "nova-ab sweep") -> Fig
             markersize=3,
             capsize=3,
         )
+    top = _axis_top(summaries)
     for i, s in enumerate(summaries):
-        # Right of both the bar and the whisker, so the label never covers the interval.
-        x = max(s.median or 0.0, s.ci[1] if s.ci else 0.0)
-        speed.annotate(_bar_label(s), (x, i), xytext=(5, 0), textcoords="offset points", va="center")
+        if s.ci is not None and s.ci[1] > top:  # the whisker runs off the axis: say so where it leaves
+            speed.annotate("", (top, i), xytext=(-12, 0), textcoords="offset points",
+                           arrowprops={"arrowstyle": "->", "color": "black"})
+        # Right of the bar, the trials and the whisker (within the axis), so the label never covers them.
+        x = min(top, max(s.median or 0.0, s.value_range[1] if s.value_range else 0.0, s.ci[1] if s.ci else 0.0))
+        speed.annotate(_bar_label(s), (x, i), xytext=(5, 0), textcoords="offset points", va="center",
+                       annotation_clip=False)
+    trials = [(value, i) for i, s in enumerate(summaries) if s.value_range for value in s.value_range]
+    if trials:  # the fastest and slowest trial of each arm: the spread an interval is made of
+        speed.plot([v for v, _ in trials], [i for _, i in trials], "|", color="dimgray", markersize=10)
     speed.set_yticks(y, labels)
     speed.invert_yaxis()  # the baseline (first) on top
-    speed.set_xlabel(f"{HEADLINE}: median (bar),\ngeometric mean and 95% interval (whisker); * significant")
-    speed.margins(x=0.3)
-    speed.set_xlim(left=0)  # throughput: the axis starts at 0, whatever the margins
+    speed.set_xlabel(
+        f"{HEADLINE}: median (bar), slowest and fastest trial (|),\ngeometric mean and 95% interval (whisker, from "
+        f"{MIN_INTERVAL_REPEATS} trials); * significant"
+    )
+    speed.set_xlim(0, top)  # throughput: from 0 to past the data, whatever an interval says
 
     left = [0.0] * n
     segments = (*PHASES, "other")
@@ -399,8 +515,19 @@ def figure(summaries: Sequence[ArmSummary], title: str = "nova-ab sweep") -> Fig
     ]
     handles = [*arm_handles, *phases.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize="small")
-    fig.suptitle(f"{title}\n{textwrap.fill(verdict(summaries), 120)}", fontsize="medium")
+    fig.suptitle(f"{title}\n{textwrap.fill(verdict(summaries, named), 120)}", fontsize="medium")
     return fig
+
+
+def _axis_top(summaries: Sequence[ArmSummary]) -> float:
+    """The throughput axis' right end: 40% past the fastest trial or median (room for the bar labels), and
+    past an interval only where it ends within twice that (beyond, the interval says more about the repeats than
+    about the arm)."""
+    data = max([s.median or 0.0 for s in summaries] + [s.value_range[1] for s in summaries if s.value_range])
+    if data <= 0:
+        return 1.0
+    reach = [s.ci[1] for s in summaries if s.ci is not None and s.ci[1] <= 2 * data]
+    return 1.4 * max([data, *reach])
 
 
 def _wrap_label(arm: str, width: int = 32) -> str:

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from novainfer.ab.sweep import commands
 from novainfer.ab.sweep.arm_checks import ArmsHere, check_runnable
 from novainfer.ab.sweep.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.sweep.experiment import Experiment, ExperimentError, TrialSpec
 from novainfer.ab.sweep.ledger import Ledger
-from novainfer.ab.sweep.names import arm_names, sweep_name
+from novainfer.ab.sweep.names import arm_names, sweep_name, trial_name
+from novainfer.ab.sweep.outcome import outcome
 from novainfer.ab.sweep.report import console as comparison_console
 from novainfer.ab.sweep.report import markdown, plot, render_table, summary_metrics
+from novainfer.ab.sweep.serving_report import online_report
 from novainfer.ab.sweep.statistics import summarize
 from novainfer.ab.sweep.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
 from novainfer.ab.wire import GateSettings, TrialRecord, TrialRequest, new_record
@@ -57,20 +62,39 @@ def sweep_dir(experiment: Experiment, resume: bool, root: Path) -> tuple[Path, i
     return root / SWEEPS_DIR / f"{prefix}{counter}", counter
 
 
-def sweep_info(experiment: Experiment, directory: Path, counter: int) -> SweepInfo:
+def order_seed_for(experiment: Experiment, resume: bool, root: Path, requested: int | None = None) -> int | None:
+    """The seed of the arms' order within each repeat block (experiment.plan_trials): on --resume the one the
+    sweep recorded in its sweep.json (None for a sweep from before the order was drawn: it ran the file's order),
+    else `requested` (--order-seed), else a fresh one. A --resume asking for another seed than the sweep's is
+    an ExperimentError: the ledger's trials ran in the recorded order."""
+    if not resume:
+        return requested if requested is not None else secrets.randbits(32)
+    directory, _ = sweep_dir(experiment, True, root)
+    path = directory / SWEEP_INFO_NAME
+    recorded = json.loads(path.read_text()).get("order_seed") if path.exists() else None
+    if requested is not None and requested != recorded:
+        raise ExperimentError(
+            str(experiment.path), "--order-seed",
+            f"the sweep being resumed ran in the order of seed {recorded}; leave --order-seed out to resume it",
+        )
+    return recorded
+
+
+def sweep_info(experiment: Experiment, directory: Path, counter: int, order_seed: int | None = None) -> SweepInfo:
     workload = experiment.workload
     return SweepInfo(
         sweep_id=directory.name,
         name=sweep_name(experiment.name, counter, experiment.sweep_id),
         baseline_arm=experiment.baseline_arm,
-        params=shared_params(experiment),
+        params={**shared_params(experiment), "sweep.order_seed": order_seed},
+        order_seed=order_seed,
         experiment_text=experiment.path.read_text(),
         experiment_filename=experiment.path.name,
         arm_names=arm_names(experiment.arms),
         workload={
-            "name": experiment.name, "num_seqs": workload.num_seqs, "input_len": list(workload.input_len),
-            "output_len": list(workload.output_len), "seed": workload.seed,
-            "output_tokens": workload.expected_output_tokens,
+            "name": experiment.name, **workload.recipe(), "output_tokens": workload.expected_output_tokens,
+            # An online caliber's arrivals are part of what was run (rates: the axis's, when it is one).
+            **({"arrivals": experiment.to_dict()["serving"]["arrivals"]} if experiment.serving else {}),
         },
     )
 
@@ -98,6 +122,7 @@ def trial_request(experiment: Experiment, run_id: str, trial: TrialSpec) -> Tria
         workload=experiment.workload, warmup_seqs=sweep.warmup_seqs,
         gate=GateSettings(**sweep.correctness.model_dump()), result_path="",
         source_dir=str(experiment.path.resolve().parent), peer=trial.arm.peer,
+        serving=experiment.serving_for(trial.arm),
     )
 
 
@@ -109,11 +134,15 @@ def run_sweep(
     tracking_uri: str | None = None,
     executor: Executor | None = None,
     console: Console | None = None,
+    order_seed: int | None = None,
 ) -> int:
     """Run the trials not yet in the ledger; with the local executor, those of arms `here` skips are recorded
     as skipped, with its reason, without a trial process (on a Ray cluster each trial finds out on its own
     machine). Ctrl-C kills the running trial, keeps the finished ones, marks the parent
-    run KILLED and raises SweepInterrupted, whose message is the command that resumes the sweep."""
+    run KILLED and raises SweepInterrupted, whose message is the command that resumes the sweep.
+
+    `trials` were planned with `order_seed` (recorded with the sweep). Returns the exit code of
+    novainfer.ab.sweep.outcome, and ends the parent run with the matching status."""
     check_runnable(experiment, here.cuda)
     console = console or comparison_console()
     root = Path(os.getcwd())
@@ -121,7 +150,7 @@ def run_sweep(
     executor = executor or make_executor(experiment, directory / "logs")  # a missing Ray: before any file
     run_id = directory.name
     ledger = Ledger(directory / LEDGER_NAME)
-    info = sweep_info(experiment, directory, counter)
+    info = sweep_info(experiment, directory, counter, order_seed)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SWEEP_INFO_NAME).write_text(json.dumps(asdict(info), indent=1))
     done = ledger.done_trial_ids()
@@ -135,37 +164,58 @@ def run_sweep(
     except KeyboardInterrupt:
         if tracker is not None:
             _end(tracker, run_id, "KILLED", console)
-        resume_command = f"nova-ab sweep {experiment.path} --resume"
+        resume_command = f"{commands.nova_ab()} {commands.join('sweep', experiment.path, '--resume')}"
         if tracking_uri:
-            resume_command += f" --tracking-uri {tracking_uri}"
+            resume_command += f" {commands.join('--tracking-uri', tracking_uri)}"
         raise SweepInterrupted(
             f"interrupted: {len(ledger.done_trial_ids())} of {len(trials)} trials are in the ledger; "
             f"resume with: {resume_command}"
         ) from None
     summaries = summarize(ledger.records(), experiment.baseline_arm)
-    console.print(render_table(summaries))
-    png = plot(summaries, directory / "compare.png", title=info.name)
+    online = None  # an online caliber is compared by latency under load, rate by rate (serving_report)
+    if experiment.serving is not None:
+        online = online_report(
+            ledger.records(), experiment.baseline_arm, info.arm_names, info.name, directory / "compare.png"
+        )
+    console.print(render_table(summaries, info.arm_names) if online is None else online.table)
+    png = online.png if online else plot(summaries, directory / "compare.png", title=info.name, names=info.arm_names)
+    ended = outcome(summaries)
     view = None
     if tracker is not None:
         try:
-            metrics = summary_metrics(summaries, info.arm_names)
-            tracker.log_summary(run_id, metrics, markdown(summaries, info.arm_names, info.name), png)
-            view = tracker.share_view(run_id, [key for key in metrics if key.endswith(VIEW_COLUMNS)])
+            metrics = summary_metrics(summaries, info.arm_names) if online is None else online.metrics
+            text = markdown(summaries, info.arm_names, info.name) if online is None else online.markdown
+            tracker.log_summary(run_id, metrics, text, png)
+            columns = VIEW_COLUMNS if online is None else online.view_columns
+            view = tracker.share_view(run_id, [key for key in metrics if key.endswith(columns)])
         except TrackingError as error:
             console.print(f"[yellow]MLflow: {error}[/]")
             tracker = None
     if tracker is not None:
-        tracker = _end(tracker, run_id, "FINISHED", console)
+        tracker = _end(tracker, run_id, ended.run_status, console)
     if tracker is None or view is None:
-        console.print(f"MLflow was not reachable: log this sweep later with `nova-ab import {ledger.path}`")
-    else:
-        base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
         console.print(
-            f"MLflow: {uri} (experiment {experiment.mlflow.experiment!r}); open it with `{_ui_command(uri)}`, "
-            f"then this sweep's comparison: {base.rstrip('/')}/{view}",
+            f"MLflow was not reachable: log this sweep later with `{commands.nova_ab()} "
+            f"{commands.join('import', ledger.path)}`",
             soft_wrap=True,
         )
-    return 0
+    else:
+        console.print(f"MLflow: {uri} (experiment {experiment.mlflow.experiment!r}); {_open_hint(uri, view)}",
+                      soft_wrap=True)
+    if ended.words:
+        console.print(f"[yellow]exit {ended.exit_code}: {ended.words}[/]", soft_wrap=True)
+    return ended.exit_code
+
+
+def _open_hint(uri: str, view: str) -> str:
+    """Where to see the sweep: a tracking server's own link, or the command that serves the local store and
+    prints the link with the address it really has (novainfer.ab.sweep.ui)."""
+    if uri.startswith(("http://", "https://")):
+        return f"this sweep's comparison: {uri.rstrip('/')}/{view}"
+    command = commands.nova_ab() + " ui"
+    if uri != default_tracking_uri():
+        command += f" {commands.join('--tracking-uri', uri)}"
+    return f"to see this sweep's comparison, run `{command}` (it starts MLflow's UI and prints the link)"
 
 
 def _run_trials(
@@ -196,7 +246,7 @@ def _run_trials(
         def on_record(record: TrialRecord) -> None:
             nonlocal tracker
             ledger.append(record)  # durable before anything else may fail
-            progress.console.print(_one_line(record))
+            progress.console.print(_one_line(record, info.arm_names))
             if tracker is not None:
                 tracker = _log(tracker, record, console)
             progress.advance(overall)
@@ -278,14 +328,15 @@ def _log(tracker: Tracker, record: TrialRecord, console: Console) -> Tracker | N
         return None
 
 
-def _one_line(record: TrialRecord) -> str:
+def _one_line(record: TrialRecord, names: dict[str, str] | None = None) -> str:
+    """The trial as the sweep prints it, named as its MLflow child run is ("bt=64 · #1")."""
     colour = {"ok": "green", "unverified": "yellow", "skipped": "yellow"}.get(record.status, "red")
     speed = record.metrics.get("output_tok_s")
     detail = f"{speed:,.0f} output tok/s" if speed is not None else ""
     if record.reason:
         detail = f"{detail}  {record.reason}".strip()
-    return f"  [{colour}]{record.status:>16}[/]  {record.trial_id}  {detail}"
-
-
-def _ui_command(uri: str) -> str:
-    return "mlflow ui" if uri == default_tracking_uri() else f"mlflow ui --backend-store-uri {uri}"
+    detail = escape(detail)  # a reason may hold brackets ("pip install 'pkg[extra]'"): text, not markup
+    if record.throttled:
+        detail = f"{detail}  [yellow]THROTTLED: {escape(record.throttled)}[/]".strip()
+    name = trial_name((names or {}).get(record.arm, record.arm), record.repeat)
+    return f"  [{colour}]{record.status:>16}[/]  {escape(name)}  {detail}"

@@ -6,11 +6,17 @@ Statistics, all over an arm's measured trials ("ok" and "unverified": they ran t
 right lengths; the other statuses are counted, never measured):
 - headline: the median of output_tok_s (robust to one slow repeat);
 - 95% interval: Student's t-interval of log(tok/s), exponentiated: an interval of the geometric mean,
-  exp(m +- t(0.975, n-1) * s / sqrt(n)) with m, s the mean and standard deviation of the logs. It is
-  always above 0, where the interval of the plain mean spans negative throughput with 2 repeats. With the
-  3 to 10 repeats a sweep has, a bootstrap of the median is too coarse (it can only return observed
-  values) and distribution-free intervals of the median cannot reach 95% below 6 samples;
-- speedup: median of the arm / median of the baseline;
+  exp(m +- t(0.975, n-1) * s / sqrt(n)) with m, s the mean and standard deviation of the logs
+  (scipy.stats.ttest_1samp(logs, 0).confidence_interval()). It is always above 0, where the interval of the
+  plain mean spans negative throughput with 2 repeats. With the 3 to 10 repeats a sweep has, a bootstrap of
+  the median is too coarse (it can only return observed values) and distribution-free intervals of the
+  median cannot reach 95% below 6 samples. Only from MIN_INTERVAL_REPEATS measured trials: with 2, t(0.975, 1)
+  = 12.7 stretches the interval over orders of magnitude (5e-9 to 1e13 tok/s was seen); below that the
+  summary keeps the range of the trials (value_range) and the report says "too few repeats";
+- speedup: median of the arm / median of the baseline; its 95% interval (one GPU) is Welch's on log(tok/s),
+  exponentiated (scipy.stats.ttest_ind(arm logs, baseline logs, equal_var=False).confidence_interval()): an
+  interval of the ratio of the geometric means, the quantity the test is about, from MIN_INTERVAL_REPEATS
+  measured trials on each side;
 - significance: Welch's two-sided t-test of log(tok/s) of the arm against the baseline (a test of the
   ratio of geometric means, i.e. of the speedup), with Holm's correction over all the arms compared in
   the sweep, significant when the adjusted p < 0.05. Without the correction, a sweep of 20 arms that are
@@ -29,7 +35,8 @@ the baseline's on another would measure the GPUs as much as the arm. There the c
 a block being (repeat, gpu_uuid): over the k blocks in which both the arm and the baseline have a measured
 trial, d = log(arm tok/s) - log(baseline tok/s), and
 - speedup: exp(mean d), the geometric mean of the paired ratios (no longer the ratio of medians), with the
-  95% interval exp(mean d +- t(0.975, k-1) * sd(d) / sqrt(k));
+  95% interval exp(mean d +- t(0.975, k-1) * sd(d) / sqrt(k)) (ttest_1samp(d, 0).confidence_interval(), from
+  MIN_INTERVAL_REPEATS blocks);
 - significance: the paired t-test (d against 0, two-sided), Holm-adjusted over the arms as above; with
   fewer than 2 blocks there is no test, and an arm that never met the baseline on the same GPU gets no
   speedup either, so it cannot win;
@@ -47,6 +54,14 @@ p-value or significance, and the caption says why. What "verified" covered is sh
 abbreviated: output tokens checked of those produced (or outside the margin), planned steps replayed of those
 run, and the bar, the least relative error a step was allowed.
 
+Hand-written where scipy.stats has no equivalent: Holm's step-down adjustment (scipy has only the
+Benjamini-Hochberg/Yekutieli false_discovery_control) and the normal-approximation sample size (scipy has
+no power analysis); tests check both by their formulas.
+
+Throttling: a measured trial whose timed window saw the GPU's clocks held down for heat or power
+(TrialRecord.throttled, novainfer.ab.trial.telemetry) is counted per arm (`throttled`): its number is kept, and
+the report says so beside the arm, since a throttled trial looks like a slow backend.
+
 An arm with any "incorrect" or "caliber_mismatch" trial is flagged: its numbers are shown, but it can
 never win. The winner is the fastest arm (by median) whose trials are all "ok", that is significantly
 faster than the baseline (speedup > 1 and a higher geometric mean); there may be none.
@@ -59,14 +74,11 @@ import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from scipy import stats
 
 from novainfer.ab.wire import FLAG_STATUSES, MEASURED, RANKABLE, TrialRecord, gate_coverage
-
-if TYPE_CHECKING:
-    pass
 
 HEADLINE = "output_tok_s"
 PHASES = ("metadata", "kv_write", "attention")  # metric phase_<name>_s
@@ -76,6 +88,8 @@ POWER = 0.80  # of the "repeats needed" estimate
 FINEST_RATIO = 1.02  # the smallest difference the "repeats needed" estimate aims at
 GPU_TAG = "gpu_uuid"  # the trial's GPU (TrialRecord.tags): the blocks of a sweep on several GPUs
 NEVER_MET = "never met the baseline on the same GPU: no paired comparison"
+# The fewest measured trials (or blocks) an interval is computed from: at 2, t(0.975, 1) = 12.7 makes it useless.
+MIN_INTERVAL_REPEATS = 3
 
 Verification = Literal["verified", "unverified", "failed", "unmeasured"]
 
@@ -86,10 +100,12 @@ class ArmSummary:
 
     counts: trials by status. n_ok: "ok" trials; n_measured: "ok" and "unverified" trials.
     median: of output tok/s. mean: the geometric mean of output tok/s. ci: the 95% t-interval of
-        log(tok/s), exponentiated, (lo, hi) with lo > 0; None with fewer than 2 measured trials.
+        log(tok/s), exponentiated, (lo, hi) with lo > 0; None with fewer than MIN_INTERVAL_REPEATS measured
+        trials. value_range: (lowest, highest) output tok/s of the measured trials; None when none was measured.
     speedup: median / the baseline's median; when paired by GPU (see the module's docstring), the geometric
         mean of the paired ratios; None when the baseline cannot carry claims or the arm never met it.
-    speedup_ci: the 95% interval of a paired speedup (2 or more blocks); None otherwise.
+    speedup_ci: the 95% interval of the speedup: Welch's on log tok/s on one GPU, the paired one on several
+        (see the module's docstring); None below MIN_INTERVAL_REPEATS on a side (blocks), or without a speedup.
     paired_blocks: the blocks (repeat, GPU) in which the arm met the baseline, when the comparison is paired
         by GPU; None when it is unpaired (one GPU, no gpu_uuid tags) or not made (the baseline itself, an
         unmeasured arm, a baseline that cannot carry claims).
@@ -116,6 +132,9 @@ class ArmSummary:
         beside the timed run. None when no trial reports both.
     requests_off: total requests whose output length differed from the drawn one, over the trials that
         report it; None when none does.
+    throttled: measured trials whose timed window saw thermal or power throttling; throttle_reasons: what
+        held the clocks down, over those trials, in NVML's words ("sw power cap", ...).
+    reasons: the first trial's reason for each status that is not measured ("skipped": why it cannot run here).
     """
 
     arm: str
@@ -126,6 +145,7 @@ class ArmSummary:
     median: float | None
     mean: float | None
     ci: tuple[float, float] | None
+    value_range: tuple[float, float] | None = None
     speedup: float | None = None
     speedup_ci: tuple[float, float] | None = None
     paired_blocks: int | None = None
@@ -147,6 +167,9 @@ class ArmSummary:
     bar: float | None = None
     output_check_cost: float | None = None
     requests_off: int | None = None
+    throttled: int = 0
+    throttle_reasons: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
     winner: bool = False
 
     @property
@@ -192,6 +215,8 @@ def summarize(records: Iterable[TrialRecord], baseline_arm: str) -> list[ArmSumm
             summary.speedup = summary.median / baseline.median
             if arm != baseline_arm and len(logs[arm]) >= 2 and len(logs[baseline_arm]) >= 2:
                 raw[arm] = welch_p_value(logs[arm], logs[baseline_arm])
+            if arm != baseline_arm and min(len(logs[arm]), len(logs[baseline_arm])) >= MIN_INTERVAL_REPEATS:
+                summary.speedup_ci = welch_ratio_interval(logs[arm], logs[baseline_arm])
         for arm, p in holm_adjust(raw).items():
             summaries[arm].p_value = p
             summaries[arm].significant = p < ALPHA
@@ -257,11 +282,10 @@ def _pair(summary: ArmSummary, diffs: list[float]) -> None:
     summary.paired_blocks = len(diffs)
     if not diffs:
         return
-    mean = statistics.fmean(diffs)
-    summary.speedup = math.exp(mean)
-    if len(diffs) >= 2:
-        half = stats.t.ppf((1 + CONFIDENCE) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-        summary.speedup_ci = (math.exp(mean - half), math.exp(mean + half))
+    summary.speedup = math.exp(statistics.fmean(diffs))
+    if len(diffs) >= MIN_INTERVAL_REPEATS:
+        low, high = _mean_interval(diffs)
+        summary.speedup_ci = (math.exp(low), math.exp(high))
 
 
 def _faster(s: ArmSummary, baseline: ArmSummary) -> bool:
@@ -315,10 +339,31 @@ def holm_adjust(p_values: dict[str, float]) -> dict[str, float]:
 def geometric_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The t confidence interval of the geometric mean: of log(values), exponentiated (needs 2 or more
     positive values). Always above 0, and asymmetric the way a ratio's uncertainty is."""
-    logs = [math.log(v) for v in values]
-    half = stats.t.ppf((1 + confidence) / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    mean = statistics.fmean(logs)
-    return math.exp(mean - half), math.exp(mean + half)
+    low, high = _mean_interval([math.log(v) for v in values], confidence)
+    return math.exp(low), math.exp(high)
+
+
+def welch_ratio_interval(
+    arm_logs: Sequence[float], base_logs: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Welch's t confidence interval of mean(arm_logs) - mean(base_logs), exponentiated: the interval of the
+    ratio of the two geometric means (needs 2 or more values on each side)."""
+    if statistics.variance(arm_logs) == 0 and statistics.variance(base_logs) == 0:
+        # No spread on either side: the ratio is what was measured (scipy's t would be 0/0).
+        ratio = math.exp(statistics.fmean(arm_logs) - statistics.fmean(base_logs))
+        return ratio, ratio
+    ci = stats.ttest_ind(arm_logs, base_logs, equal_var=False).confidence_interval(confidence)
+    return math.exp(float(ci.low)), math.exp(float(ci.high))
+
+
+def _mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student's t confidence interval of the mean of `values` (2 or more): mean +- t(., n-1) * s / sqrt(n)."""
+    if statistics.variance(values) == 0:
+        # Identical values: the interval is the value itself (scipy warns of lost precision and may say nan).
+        mean = statistics.fmean(values)
+        return mean, mean
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
 
 
 def _resolve(summary: ArmSummary, arm_logs: list[float], base_logs: list[float]) -> None:
@@ -384,6 +429,7 @@ def _summarize_arm(arm: str, trials: list[TrialRecord], is_baseline: bool) -> Ar
         if t.status in RANKABLE and "gate_steps" in t.metrics and "gate_run_steps" in t.metrics
     ]
     bars = [t.metrics["gate_bar"] for t in trials if "gate_bar" in t.metrics]
+    throttled = [t for t in trials if t.status in MEASURED and t.throttled]
     costs = [
         t.metrics["output_check_seconds"] / t.metrics["run_seconds"]
         for t in trials
@@ -397,7 +443,8 @@ def _summarize_arm(arm: str, trials: list[TrialRecord], is_baseline: bool) -> Ar
         n_measured=len(values),
         median=_median_or_none(values),
         mean=statistics.geometric_mean(values) if values else None,
-        ci=geometric_interval(values) if len(values) >= 2 else None,
+        ci=geometric_interval(values) if len(values) >= MIN_INTERVAL_REPEATS else None,
+        value_range=(min(values), max(values)) if values else None,
         phases={p: _median_or_none(_measured_values(trials, f"phase_{p}_s")) for p in PHASES},
         run_seconds=_median_or_none(_measured_values(trials, "run_seconds")),
         flagged=any(counts[s] for s in FLAG_STATUSES),
@@ -411,6 +458,9 @@ def _summarize_arm(arm: str, trials: list[TrialRecord], is_baseline: bool) -> Ar
         bar=max(bars) if bars else None,
         output_check_cost=_median_or_none(costs),
         requests_off=_total(trials, "requests_off"),
+        throttled=len(throttled),
+        throttle_reasons=sorted({r for t in throttled for r in (t.throttled or "").split(", ") if r}),
+        reasons={t.status: t.reason for t in reversed(trials) if t.status not in MEASURED and t.reason},
     )
 
 

@@ -53,7 +53,7 @@ from urllib.request import pathname2url, url2pathname
 
 from novainfer.ab.sweep.ledger import Ledger, LedgerError
 from novainfer.ab.sweep.names import trial_name
-from novainfer.ab.wire import TrialRecord
+from novainfer.ab.wire import GATE_PREFIX, TrialRecord
 
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput, Metric, Run
@@ -69,7 +69,17 @@ TAG_REPEAT = "nova.repeat"
 TAG_ORDER = "nova.order"
 TAG_STATUS = "nova.status"
 TAG_REASON = "nova.reason"
+TAG_THROTTLED = "nova.throttled"  # TrialRecord.throttled: the GPU's heat or power throttle reasons in the timed window
 TAG_PARENT = "mlflow.parentRunId"
+# MLflow's standard source tags (mlflow/utils/mlflow_tags.py), which its UI shows and its own runs carry. A trial's
+# record keeps the ledger's "git_commit" ("<sha>", "<sha>-dirty" for a checkout with local changes, or "unknown");
+# the store gets the sha alone, as MLflow's git context logs it, the changes as nova.git_dirty, and no commit
+# where there is none (a sweep outside a checkout). Reading a run back joins them again.
+RECORD_GIT_COMMIT = "git_commit"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_GIT_DIRTY = "nova.git_dirty"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_NOTE = "mlflow.note.content"  # MLflow shows it as the run's Markdown description
 CONFIG_ARTIFACT = "config.json"
 # MLflow's UI keeps a shared runs-table view in an experiment tag of this prefix (mlflow/server/js, "share view").
@@ -77,7 +87,8 @@ SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 # The trials' metrics a sweep's view shows as columns: throughput, then what "verified" covered (output tokens
 # checked and outside the reference's margin, planned steps the gate replayed, its worst row), then the caliber.
 VIEW_TRIAL_METRICS = (
-    "output_tok_s", "output_tokens_checked", "output_tokens_outside", "gate_steps", "max_rel_err", "requests_off"
+    "output_tok_s", "output_tokens_checked", "output_tokens_outside", "gate_steps", "max_rel_err", "requests_off",
+    "gpu_throttled",
 )
 # And as its charts, throughput first: the counts of what was checked are the same bar for every honest trial.
 VIEW_TRIAL_CHARTS = ("output_tok_s", "output_tokens_outside", "max_rel_err", "requests_off")
@@ -93,6 +104,17 @@ _PROFILE_KEYS = ("num_seqs", "output_tokens")
 RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Trial statuses whose child run is marked FAILED in MLflow: the trial itself did not complete.
 _FAILED_STATUSES = ("failed", "timeout")
+# A child run's metrics in this order, then the rest as the trial reported them with the gate's per-kind coverage
+# last: MLflow's run page lists them in the order they were logged, and a trial has about 70.
+HEADLINE_METRICS = (
+    "output_tok_s", "total_tok_s", "run_seconds", "requests_off", "output_tokens_checked", "output_tokens_outside",
+    "max_rel_err", "gpu_throttled",
+)
+# TrialRecord.telemetry's series, logged as the history (one step per sample) of these metrics.
+TELEMETRY_SERIES = {
+    "sm_clock_mhz": "gpu_sm_clock_mhz", "mem_clock_mhz": "gpu_mem_clock_mhz", "temperature_c": "gpu_temperature_c",
+    "power_w": "gpu_power_w",
+}
 
 # MLflow's limits (mlflow/utils/validation.py): keys match [/\w.\- :]*, are at most 250 characters and
 # must not change under posixpath.normpath; param values hold 6000 characters, tag values 8000; one
@@ -269,6 +291,8 @@ class SweepInfo:
         one keeps its label. Empty in a sweep.json written before names existed.
     workload: the workload's recipe (name, num_seqs, input_len, output_len, seed, output_tokens), logged as
         the input dataset of the parent and of every child; empty: no dataset.
+    order_seed: the seed of the arms' order within each repeat block (experiment.plan_trials), so --resume plans
+        the same order; None: the file's order (a sweep from before the order was drawn).
     """
 
     sweep_id: str
@@ -280,6 +304,7 @@ class SweepInfo:
     tags: Mapping[str, str] = field(default_factory=dict)
     arm_names: dict[str, str] = field(default_factory=dict)
     workload: dict[str, Any] = field(default_factory=dict)
+    order_seed: int | None = None
 
 
 class Tracker:
@@ -481,20 +506,38 @@ class Tracker:
         them, and one more download per trial would slow it down (each child's outputs.json holds them).
         """
         with self._guard(f"loading sweep {sweep or '(latest)'}"):
-            parents = sorted(self._sweep_runs(), key=lambda r: r.info.start_time, reverse=True)
-            if sweep is not None:
-                parents = [r for r in parents if sweep in (r.data.tags.get(TAG_SWEEP_ID), r.info.run_name)]
-            if not parents:
-                what = f"no sweep {sweep!r}" if sweep is not None else "no sweeps"
-                raise TrackingError(f"MLflow at {self.uri}: experiment {self.experiment_name!r} has {what}")
-            parent = parents[0]
+            parent = self._pick_sweep(sweep)
             children = [r for r in self._children(parent.info.run_id) if TAG_TRIAL_ID in r.data.tags]
             with tempfile.TemporaryDirectory(prefix="nova-ab-") as tmp, _no_progress_bars():
                 records = [self._record_from_run(r, tmp) for r in children]
             records.sort(key=lambda r: (r.order, r.trial_id))
             return parent.data.tags[TAG_SWEEP_ID], parent.data.tags.get(TAG_BASELINE, ""), records
 
+    def sweep_link(self, sweep: str | None = None) -> tuple[str, str, str]:
+        """(parent run name, sweep id, UI route) of a sweep (`sweep` as in load_sweep): the route of the view the
+        sweep shared (share_view), else of its parent run's page; prefix it with the UI's address."""
+        with self._guard(f"finding sweep {sweep or '(latest)'}"):
+            parent = self._pick_sweep(sweep)
+            run_id = parent.info.run_id
+            views = self._client.get_experiment(self._experiment_id).tags
+            route = (
+                f"#/experiments/{self._experiment_id}/runs?viewStateShareKey={run_id}"
+                if f"{SHARED_VIEW_PREFIX}{run_id}" in views
+                else f"#/experiments/{self._experiment_id}/runs/{run_id}"
+            )
+            return parent.info.run_name, parent.data.tags[TAG_SWEEP_ID], route
+
     # -- internals -------------------------------------------------------------------------------------
+
+    def _pick_sweep(self, sweep: str | None) -> Run:
+        """The parent run of sweep id or parent run name `sweep` (the latest of that name), or of the latest."""
+        parents = sorted(self._sweep_runs(), key=lambda r: r.info.start_time, reverse=True)
+        if sweep is not None:
+            parents = [r for r in parents if sweep in (r.data.tags.get(TAG_SWEEP_ID), r.info.run_name)]
+        if not parents:
+            what = f"no sweep {sweep!r}" if sweep is not None else "no sweeps"
+            raise TrackingError(f"MLflow at {self.uri}: experiment {self.experiment_name!r} has {what}")
+        return parents[0]
 
     def _get_experiment(self, artifact_location: str | None, create: bool) -> str:
         """The experiment's id; created when missing (and `create`). Should another Tracker create it at the
@@ -595,7 +638,7 @@ class Tracker:
         start_ms = _millis(record.started_at or now)
         end_ms = _millis(record.finished_at or now)
         tags = {
-            **record.tags,
+            **_source_tags(record.tags),
             TAG_KIND: "trial",
             TAG_SWEEP_ID: record.sweep_id,
             TAG_ARM: record.arm,
@@ -608,6 +651,8 @@ class Tracker:
             tags[TAG_REASON] = record.reason
         if record.breakdown:
             tags[TAG_BREAKDOWN] = BREAKDOWN_ARTIFACT
+        if record.throttled:
+            tags[TAG_THROTTLED] = record.throttled
         tags.update({TAG_SEED_PREFIX + name: str(seed) for name, seed in record.seeds.items()})
         info = self._sweeps.get(record.sweep_id)
         if info is not None:  # "group by nova.arm_name" in MLflow's UI then reads "bt=64", not the whole label
@@ -621,7 +666,8 @@ class Tracker:
         run_id = run.info.run_id
         from mlflow.entities import Metric
 
-        metrics = [Metric(_key(k), float(v), end_ms, 0) for k, v in record.metrics.items()]
+        metrics = [Metric(_key(k), float(v), end_ms, 0) for k, v in _headline_first(record.metrics)]
+        metrics += _series_metrics(record.telemetry, start_ms)
         self._log_batch(run_id, params=_params(record.params), tags=_tags(tags), metrics=metrics)
         if info is not None:
             self._log_workload(run_id, info)
@@ -691,10 +737,12 @@ class Tracker:
             reason=tags.get(TAG_REASON),
             config=json.loads(Path(config_path).read_text()),
             params=dict(run.data.params),
-            metrics=dict(run.data.metrics),
-            tags={k: v for k, v in tags.items() if not k.startswith(("nova.", "mlflow."))},
+            # Less the telemetry series, whose latest points MLflow reports as metrics (the record keeps them apart).
+            metrics={k: v for k, v in run.data.metrics.items() if k not in TELEMETRY_SERIES.values()},
+            tags={**{k: v for k, v in tags.items() if not k.startswith(("nova.", "mlflow."))}, **_record_source(tags)},
             breakdown=breakdown,
             seeds={k.removeprefix(TAG_SEED_PREFIX): int(v) for k, v in tags.items() if k.startswith(TAG_SEED_PREFIX)},
+            throttled=tags.get(TAG_THROTTLED),
             started_at=run.info.start_time / 1000,
             finished_at=(run.info.end_time or 0) / 1000,
         )
@@ -708,6 +756,46 @@ def _key(name: str) -> str:
     if key in ("", ".", "..") or key.startswith(".."):
         key = ("_" + key)[:_MAX_KEY_LEN]
     return key
+
+
+def _headline_first(metrics: Mapping[str, float]) -> list[tuple[str, float]]:
+    """The metrics in logging order: HEADLINE_METRICS, then the others, the gate's per-kind coverage last."""
+    rank = {name: i for i, name in enumerate(HEADLINE_METRICS)}
+    return sorted(
+        metrics.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0].startswith(GATE_PREFIX))
+    )
+
+
+def _series_metrics(series: Mapping[str, list[float]], start_ms: int) -> list[Metric]:
+    """The trial's GPU telemetry series as metric histories: step = the sample's index, timestamp = its time
+    (the window's seconds counted from the run's start), so MLflow charts them over the trial."""
+    from mlflow.entities import Metric
+
+    times = series.get("t_s", [])
+    return [
+        Metric(key, float(value), start_ms + _millis(t), step)
+        for name, key in TELEMETRY_SERIES.items()
+        for step, (t, value) in enumerate(zip(times, series.get(name, [])))
+    ]
+
+
+def _source_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """A record's tags as logged: its git_commit as MLflow's source tags (see TAG_GIT_COMMIT)."""
+    out = {k: v for k, v in tags.items() if k != RECORD_GIT_COMMIT}
+    commit = tags.get(RECORD_GIT_COMMIT, "unknown")
+    if commit != "unknown":
+        sha = commit.removesuffix("-dirty")
+        out |= {TAG_GIT_COMMIT: sha, TAG_SOURCE_TYPE: "LOCAL", TAG_SOURCE_NAME: "nova-ab"}
+        if sha != commit:
+            out[TAG_GIT_DIRTY] = "true"
+    return out
+
+
+def _record_source(tags: Mapping[str, str]) -> dict[str, str]:
+    """The record's git_commit from a run's source tags (the inverse of _source_tags); none where it has none."""
+    if TAG_GIT_COMMIT not in tags:
+        return {}
+    return {RECORD_GIT_COMMIT: tags[TAG_GIT_COMMIT] + ("-dirty" if tags.get(TAG_GIT_DIRTY) == "true" else "")}
 
 
 def _params(params: Mapping[str, Any]) -> dict[str, str]:

@@ -3,6 +3,10 @@
 Each engine module (novainfer.ab.trial.novainfer_engine for ours, novainfer.ab.trial.peers.<name>_peer for a peer) has
 `open_engine(request) -> TrialEngine`, which raises EngineUnavailable when the engine cannot run here (its trials
 are then "skipped" with that reason). novainfer.ab.trial drives the engine it returns, step by step.
+
+An online caliber (requests arriving over time, novainfer.ab.serving) needs an engine with `serve`, which
+drives the engine's own per-step API through novainfer.ab.trial.arrival_loop; one without it (the transformers
+peer, whose continuous batching runs inside one `generate_batch` call) is skipped in an online sweep, and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from novainfer.ab.trial.gate import GateReport
+    from novainfer.ab.trial.latency import RequestTiming
     from novainfer.ab.wire import GateSettings, TrialRequest
 
 OUR_ENGINE = "novainfer.ab.trial.novainfer_engine"
@@ -55,6 +60,18 @@ class TrialEngine(Protocol):
         `on_tokens(n)` is told of newly produced tokens as they come."""
         ...
 
+    def serve(
+        self,
+        prompts: list[list[int]],
+        output_lens: list[int],
+        arrivals: list[float],
+        max_concurrency: int | None,
+        on_tokens: Callable[[int], None],
+    ) -> tuple[list[list[int]], list[RequestTiming]]:
+        """The online timed run (only engines that can run one have it): as generate, each request submitted
+        at its arrival (seconds from the start); returns the tokens and each request's timing."""
+        ...
+
     def begin_timed(self) -> None:
         """Just before the timed generate: reset the counters read by end_timed."""
         ...
@@ -73,7 +90,10 @@ def open_trial_engine(request: TrialRequest) -> TrialEngine:
         return import_module(OUR_ENGINE).open_engine(request)
     from novainfer.ab.trial.peers import PEERS
 
-    peer = PEERS[request.peer["peer"]]
+    name = request.peer["peer"]
+    peer = PEERS[name]
     if find_spec(peer.package) is None:
-        raise EngineUnavailable(f"{request.peer['peer']} is not installed")
+        raise EngineUnavailable(f"{name} is not installed")
+    if request.serving is not None and not peer.online:
+        raise EngineUnavailable(f"the {name} peer runs offline calibers only: it has no per-step API to time arrivals")
     return import_module(peer.module).open_engine(request)

@@ -65,8 +65,10 @@ REFERENCE_BACKEND = "reference"  # the core's own attention (novainfer.reference
 REFERENCE_OPTIONS = {"precision": "float64"}
 # The gate's engines, each by how it differs from the one config they share (the arm's, see check_backend).
 GATE_ENGINES: dict[str, dict[str, Any]] = {
-    "reference": {"backend": REFERENCE_BACKEND, "backend_options": REFERENCE_OPTIONS, "cuda_graphs": False},
-    "floor": {"backend": REFERENCE_BACKEND, "backend_options": {"precision": "cache"}, "cuda_graphs": False},
+    "reference": {"backend": REFERENCE_BACKEND, "backend_options": REFERENCE_OPTIONS, "cuda_graphs": False,
+                  "enable_prefix_caching": False},
+    "floor": {"backend": REFERENCE_BACKEND, "backend_options": {"precision": "cache"}, "cuda_graphs": False,
+              "enable_prefix_caching": False},
     "tested": {},
 }
 # The least a step is allowed, by attention dtype: well above that dtype's rounding of attention (float32

@@ -6,13 +6,15 @@
    untimed;
 3. draw the timed run's token ids from a fresh seed (recorded), so nothing about them is known at start-up;
 4. the timed run: the whole workload, from submitting the first request to the last request's final token;
-   every request's output token ids are kept in the record;
+   every request's output token ids are kept in the record; an online caliber submits each request at its
+   arrival time and records each request's latencies (novainfer.ab.trial.latency);
 5. the caliber check, one rule for every arm: each request must produce exactly its drawn output length
    (requests_off counts those that did not), and an engine that planned its schedule must have taken exactly
    the planned steps (schedule_steps_off), else "caliber_mismatch";
 6. the step gate, unless [sweep.correctness] switches checks off: a sample of the run's own steps, chosen from
    a seed drawn now, after the run, replayed against the core's reference; "incorrect" when a step fails. With
-   no gate (switched off, or an engine that has none) the trial is at best "unverified".
+   no gate (switched off, or an engine that has none), or one that left a kind of step the run executed
+   unchecked, the trial is at best "unverified".
 
 What the trial process cannot vouch for, it leaves to a process the backend never ran in: the executor checks
 the recorded output tokens against the reference (novainfer.ab.trial.output_check) after this process has exited,
@@ -30,11 +32,14 @@ import secrets
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from novainfer.ab.trial.engines import EngineUnavailable, TrialEngine, open_trial_engine
 from novainfer.ab.trial.environment import git_commit
+from novainfer.ab.trial.latency import RequestTiming, latency_metrics
+from novainfer.ab.trial.telemetry import open_monitor
 from novainfer.ab.wire import TrialRecord, TrialRequest, new_record
 
 GATE_OFF = "correctness gate switched off ([sweep.correctness] enabled = false)"
@@ -87,7 +92,24 @@ def _gate(request: TrialRequest, record: TrialRecord, engine: TrialEngine) -> st
     record.metrics.update(report.metrics())
     if not report.passed() and record.status == "ok":
         record.status, record.reason = "incorrect", report.problem()
+    # Every kind of step the run executed must have been checked, or the gate vouches for less than the run.
+    unchecked = sorted(kind for kind, cov in report.coverage.items() if cov.run_steps and not cov.checked)
+    if unchecked:
+        return f"incomplete gate coverage: step kinds {', '.join(unchecked)} ran but none was checked"
     return None
+
+
+def _generate(
+    request: TrialRequest, engine: TrialEngine, prompts: list[list[int]], output_lens: list[int],
+    on_tokens: Callable[[int], None],
+) -> tuple[list[list[int]], list[RequestTiming] | None]:
+    """The timed run: offline, every request at once; online, each at its arrival time (the workload's seed
+    draws them), with every request's timing."""
+    if request.serving is None:
+        return engine.generate(prompts, output_lens, on_tokens), None
+    arrivals = request.serving.arrivals
+    times = arrivals.times(len(prompts), request.workload.seed)
+    return engine.serve(prompts, output_lens, times, arrivals.max_concurrency, on_tokens)
 
 
 def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) -> None:
@@ -102,10 +124,13 @@ def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) 
     expected = sum(output_lens)
     emit("phase", name="timed", total=expected)
     progress = _Progress(expected)
+    monitor = open_monitor(record.tags.get("gpu_uuid"))  # the GPU's clocks, heat and power over the window
     engine.begin_timed()
+    monitor.start()  # its first reading before the clock starts, its last after it stops
     t0 = time.perf_counter()
-    outputs = engine.generate(prompts, output_lens, progress.advance)
+    outputs, timings = _generate(request, engine, prompts, output_lens, progress.advance)
     seconds = time.perf_counter() - t0
+    monitor.stop().apply(record)
     record.outputs = outputs
     metrics = record.metrics
     metrics.update(engine.end_timed())
@@ -125,6 +150,8 @@ def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) 
         requests=len(output_lens),
         requests_off=off,
     )
+    if timings is not None and request.serving is not None and all(t.chunks for t in timings):  # online
+        metrics.update(latency_metrics(timings, request.serving))
     steps_off = int(metrics.get("schedule_steps_off", 0))
     if off:
         record.status = "caliber_mismatch"

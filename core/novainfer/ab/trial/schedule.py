@@ -7,6 +7,11 @@ with placeholder tokens, therefore yields the timed run's steps exactly. The cor
 sample of them, the phase breakdown weights its samples by them, and the trial checks afterwards that the
 timed run took these steps and no others.
 
+An online run (requests arriving over time) cannot be planned ahead: which step a request joins depends on the
+clock. But the scheduler's decisions depend only on the requests it holds, so the run is reconstructed after
+it, exactly, from the number of steps executed before each request was added (`added_at`): the same steps,
+which the trial then checks one for one against those the engine recorded.
+
 Each step is labelled by how it executes (its class: a partition of the run) and by what it exercises
 (its kinds, which overlap; every kind the run has is one the gate must check):
     class "prefill"          a step carrying prefill chunks (always eager);
@@ -14,6 +19,8 @@ Each step is labelled by how it executes (its class: a partition of the run) and
                              holds them (replayed padded to N when the engine runs graphs, else eager);
     kinds "first-chunk"      a prefill chunk with nothing cached before it;
           "continued-chunk"  a prefill chunk continuing a prefix already in the cache;
+          "cached-prefix"    a request's first chunk after a prefix found in the prefix cache (another
+                             request computed it; enable_prefix_caching): a short chunk over a long prefix;
           "mixed"            decodes and prefill chunks in one step;
           "longest-context"  the step reaching the longest sequence of the run;
           the step's class itself, and for decode-only steps:
@@ -27,7 +34,7 @@ Each step is labelled by how it executes (its class: a partition of the run) and
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,6 +48,7 @@ FIRST_CHUNK = "first-chunk"
 CONTINUED_CHUNK = "continued-chunk"
 MIXED = "mixed"
 LONGEST_CONTEXT = "longest-context"
+CACHED_PREFIX = "cached-prefix"
 
 
 class PlannedEntry(NamedTuple):
@@ -51,6 +59,7 @@ class PlannedEntry(NamedTuple):
     num_computed: int
     num_new: int
     length: int
+    from_cache: bool = False  # num_computed came from the prefix cache at the request's admission
 
 
 @dataclass(frozen=True)
@@ -92,26 +101,40 @@ def plan_schedule(
     max_num_batched_tokens: int,
     max_model_len: int,
     cuda_graphs: bool,
+    added_at: list[int] | None = None,
+    prompts: list[list[int]] | None = None,
 ) -> list[PlannedStep]:
     """The steps the engine will take for these requests, added in this order, on a cache of `num_blocks`,
-    labelled for an engine that replays decode steps in CUDA graphs or not."""
-    scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens, max_model_len)
+    labelled for an engine that replays decode steps in CUDA graphs or not. `added_at[i]`: how many steps
+    had run when request i was added (an online run, reconstructed); None: all added before the first.
+    `prompts`: the requests' token ids, for an engine with prefix caching (which prompts share a cached prefix
+    decides its steps); None: no prefix caching, and only the lengths matter."""
+    bm = BlockManager(num_blocks, block_size, prefix_caching=prompts is not None)
+    scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens, max_model_len)
     request_of: dict[int, int] = {}
-    for i, (prompt_len, output_len) in enumerate(zip(prompt_lens, output_lens)):
-        seq = Sequence([0] * prompt_len, SamplingParams(max_tokens=output_len, ignore_eos=True))
-        scheduler.add(seq)
-        request_of[seq.seq_id] = i
+    added = added_at if added_at is not None else [0] * len(prompt_lens)
+    pending = deque(sorted(range(len(prompt_lens)), key=lambda i: (added[i], i)))
     planned: list[tuple[tuple[PlannedEntry, ...], int]] = []
-    while scheduler.has_unfinished():
+    while pending or scheduler.has_unfinished():
+        # Those added before this step; with nothing in flight, the next one (an idle engine took no steps).
+        while pending and (added[pending[0]] <= len(planned) or not scheduler.has_unfinished()):
+            i = pending.popleft()
+            tokens = list(prompts[i]) if prompts is not None else [0] * prompt_lens[i]
+            seq = Sequence(tokens, SamplingParams(max_tokens=output_lens[i], ignore_eos=True))
+            scheduler.add(seq)
+            request_of[seq.seq_id] = i
         out = scheduler.schedule()
-        if not out.entries:
+        if not out.num_seqs:
             raise RuntimeError("the scheduler could not schedule anything: the KV cache is too small")
+        # A sequence's length at the step: its tokens so far, before the one the step samples is counted.
         entries = tuple(
-            PlannedEntry(request_of[e.seq.seq_id], e.seq.num_computed_tokens, e.num_new_tokens, len(e.seq))
+            PlannedEntry(request_of[e.seq.seq_id], e.start, e.num_new_tokens,
+                         e.start + e.num_new_tokens if e.samples else e.seq.num_tokens,
+                         e.start == e.seq.num_cached_tokens > 0)
             for e in out.entries
         )
         planned.append((entries, out.num_decodes))
-        scheduler.update(out, {e.seq.seq_id: 0 for e in out.entries if e.samples}, None)
+        scheduler.update(out, [0] * out.num_sampled, None)
     return labelled([PlannedStep(i, entries, n, "", frozenset()) for i, (entries, n) in enumerate(planned)],
                     max_num_seqs, cuda_graphs)
 
@@ -132,6 +155,8 @@ def labelled(plan: list[PlannedStep], max_num_seqs: int, cuda_graphs: bool) -> l
             kinds.add(MIXED)
         if step.context == longest:
             kinds.add(LONGEST_CONTEXT)
+        if any(e.from_cache for e in prefills):
+            kinds.add(CACHED_PREFIX)
         if not prefills and not cuda_graphs:
             kinds.add(f"decode-n{step.num_seqs}")
         steps.append(PlannedStep(step.index, step.entries, step.num_decodes, step_class, frozenset(kinds)))

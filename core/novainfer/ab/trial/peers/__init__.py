@@ -39,14 +39,16 @@ class TransformersOptions(PeerOptions):
 
 @dataclass(frozen=True)
 class Peer:
-    """package: the import name whose absence skips the peer; module: the module that runs its trials."""
+    """package: the import name whose absence skips the peer; module: the module that runs its trials;
+    online: whether its engine can run an online caliber (requests arriving over time: its engine has `serve`)."""
 
     package: str
     module: str
     options: type[PeerOptions]
+    online: bool = False
 
 
 PEERS: dict[str, Peer] = {
-    "vllm": Peer("vllm", "novainfer.ab.trial.peers.vllm_peer", VllmOptions),
+    "vllm": Peer("vllm", "novainfer.ab.trial.peers.vllm_peer", VllmOptions, online=True),
     "transformers": Peer("transformers", "novainfer.ab.trial.peers.transformers_peer", TransformersOptions),
 }

@@ -8,11 +8,13 @@ engine serves the timed run; `generate` returns when every request is done.
 Engine settings map onto vLLM's engine arguments:
     max_model_len, max_num_seqs, max_num_batched_tokens, block_size, gpu_memory_utilization, seed -> the same names
     cuda_graphs       -> enforce_eager = not cuda_graphs
+    async_scheduling  -> async_scheduling (vLLM's own, the same idea: the next step scheduled while one runs)
     kv_cache_capacity -> num_gpu_blocks_override = ceil(capacity / block_size); "auto" lets vLLM profile
     dtype             -> dtype ("auto" resolved as our engine resolves it: bfloat16 on CUDA)
     device            -> checked against the platform this vLLM build runs on (skipped when they differ)
-and, always: enable_prefix_caching = False (our engine has none, and the warm-up requests, which are the
-workload's first ones, would otherwise be cached for the timed run).
+    enable_prefix_caching -> enable_prefix_caching (vLLM's is on by default: ours is off unless the arm says so);
+with it on, the prefix cache is reset before the timed run (`LLM.reset_prefix_cache`), as ours is, so the
+warm-up requests leave nothing cached for it.
 
 The attention backend vLLM chose is read from its own log, the one place every version states it: the trial
 points VLLM_LOGGING_CONFIG_PATH at a logging config that sends vLLM's records to the trial's stderr (its log
@@ -21,7 +23,16 @@ the engine is built takes the last "Using ... backend" line of that file ("unkno
 
 Memory: the engine runs in worker processes, so this process cannot see its allocator; the metric is
 device_memory_used_bytes (the whole device after the run, vLLM's preallocated share included), not
-peak_memory_bytes. Correctness gate: none (vLLM returns no teacher-forced logits), so its trials are at best
+peak_memory_bytes.
+
+Online calibers: `serve` drives vLLM's own engine, the LLMEngine inside `LLM` (`add_request` / `step`), through
+the arrival loop our engine's arm runs (novainfer.ab.trial.arrival_loop), on the same arrival schedule: each
+step's RequestOutputs carry each request's tokens so far (vLLM's default, cumulative output), stamped on the
+host clock when `step` returns them, as ours are. (With vLLM's engine core in another process,
+VLLM_ENABLE_V1_MULTIPROCESSING, `step` only collects what the core has produced: the stamps are still the
+moment tokens reach this process, what a server would send.)
+
+Correctness gate: none (vLLM returns no teacher-forced logits), so its trials are at best
 "unverified": shown beside ours, never a winner, never the baseline of a speedup claim.
 """
 
@@ -39,8 +50,10 @@ from typing import Any
 
 import torch
 
+from novainfer.ab.trial import arrival_loop
 from novainfer.ab.trial.engines import EngineUnavailable
 from novainfer.ab.trial.environment import device_tags
+from novainfer.ab.trial.latency import RequestTiming
 from novainfer.ab.trial.peers.base import PeerEngine
 from novainfer.ab.wire import TrialRequest
 from novainfer.engine import resolve_dtype
@@ -72,6 +85,10 @@ class VllmEngine(PeerEngine):
     def gate(self, settings: object, prompts: list[list[int]], seed: int) -> str:
         return NO_GATE
 
+    def begin_timed(self) -> None:
+        if self.config.enable_prefix_caching:
+            self.llm.reset_prefix_cache()
+
     def start(self) -> None:
         config, device = self.config, self.device
         log_path = self.scratch / "vllm.log"
@@ -102,7 +119,8 @@ class VllmEngine(PeerEngine):
             "block_size": config.block_size,
             "gpu_memory_utilization": config.gpu_memory_utilization,
             "enforce_eager": not config.cuda_graphs,
-            "enable_prefix_caching": False,
+            "async_scheduling": config.async_scheduling,
+            "enable_prefix_caching": config.enable_prefix_caching,
         }
         if config.kv_cache_capacity != "auto":
             args["num_gpu_blocks_override"] = -(-config.kv_cache_capacity // config.block_size)
@@ -132,6 +150,18 @@ class VllmEngine(PeerEngine):
         on_tokens(sum(len(ids) for ids in produced))
         return produced
 
+    def serve(
+        self,
+        prompts: list[list[int]],
+        output_lens: list[int],
+        arrivals: list[float],
+        max_concurrency: int | None,
+        on_tokens: Callable[[int], None],
+    ) -> tuple[list[list[int]], list[RequestTiming]]:
+        stepper = _EngineStepper(self.llm.llm_engine)
+        timings = arrival_loop.serve(stepper, prompts, output_lens, arrivals, max_concurrency, on_tokens)
+        return [stepper.tokens.get(i, []) for i in range(len(prompts))], timings
+
     def end_timed(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.device.type == "cuda":
@@ -150,6 +180,39 @@ class VllmEngine(PeerEngine):
         self.llm = None
         gc.collect()
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class _EngineStepper:
+    """vLLM's LLMEngine as the arrival loop's Stepper (novainfer.ab.trial.arrival_loop)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.tokens: dict[int, list[int]] = {}
+        self.finished: set[int] = set()
+
+    def add(self, index: int, prompt: list[int], max_tokens: int) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+        # Ids of their own: the warm-up's requests went through LLM.generate, which numbers from 0.
+        self.engine.add_request(f"nova-online-{index}", TokensPrompt(prompt_token_ids=prompt), params)
+        self.tokens[index] = []
+
+    def step(self) -> None:
+        for output in self.engine.step():
+            index = int(output.request_id.removeprefix("nova-online-"))
+            self.tokens[index] = list(output.outputs[0].token_ids)
+            if output.finished:
+                self.finished.add(index)
+
+    def progress(self, index: int) -> tuple[int, bool]:
+        return len(self.tokens[index]), index in self.finished
+
+    def abort(self) -> None:
+        unfinished = [f"nova-online-{i}" for i in self.tokens if i not in self.finished]
+        if unfinished:
+            self.engine.abort_request(unfinished)
 
 
 def _logging_config(log_path: Path) -> dict[str, Any]:
