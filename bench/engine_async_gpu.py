@@ -7,7 +7,7 @@ each. Prints, last, a table: each engine's greedy tokens against the synchronous
 teacher-forced logits against it (worst relative error per row), plus what each engine did (graph mode, steps
 advanced on the device, prefix hits). Then a timed headline-shaped decode: host work per step, async off/on.
 
-    python bench/check_async_gpu.py [preset]
+    python bench/engine_async_gpu.py [preset]
 """
 
 from __future__ import annotations
