@@ -45,6 +45,20 @@ def test_a_gpu_check_builds_and_runs_its_attention_cases_on_the_cpu(script: str)
     assert table[-1] == f"{len(names)} PASS, 0 FAIL"
 
 
+def test_the_conformance_script_runs_the_kit_on_the_cpu() -> None:
+    """bench/conformance_gpu.py --cpu: native through the kit over a bfloat16 and a float32 cache at both block
+    sizes, each row held to the kit's floor-relative bar."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "conformance_gpu.py"), "--cpu"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| native |")]
+    assert [(row[1], row[2], row[4], row[8]) for row in rows] == [
+        (cache, block, "5/5", "PASS") for cache in ("bfloat16", "float32") for block in ("16", "1")
+    ]
+    assert done.stdout.splitlines()[-1] == "4 PASS, 0 FAIL, 0 refused"
+
+
 def test_a_dry_run_is_of_the_attention_part_only() -> None:
     done = subprocess.run([sys.executable, str(BENCH / "check_cudnn_gpu.py"), "logits", "--cpu"],
                           capture_output=True, text=True, timeout=120)
@@ -63,12 +77,12 @@ BY_HAND = r"engine_plugin_manager|resolve_hook|spec\.create"
 def test_the_checks_drive_the_engine_through_the_kit_only() -> None:
     """bench's checks, and the plugins' tests (whose pip-installed option check creates a backend: the
     registry's own error is what it checks)."""
-    checks = [*BENCH.glob("check_*_gpu.py"), BENCH / "gpu_check.py"]
+    checks = [*BENCH.glob("check_*_gpu.py"), BENCH / "gpu_check.py", BENCH / "conformance_gpu.py"]
     tests = [ROOT / "tests" / f"test_{name}_plugin.py" for name in ("cudnn", "flashinfer", "flashattn")]
     found = {
         str(path.relative_to(ROOT)): sorted(set(re.findall(pattern, path.read_text())))
         for paths, pattern in ((checks, f"{ENGINE_INSIDES}|{BY_HAND}"), (tests, ENGINE_INSIDES))
         for path in paths
     }
-    assert len(found) == 8
+    assert len(found) == 9
     assert not {path: names for path, names in found.items() if names}

@@ -94,7 +94,7 @@ MALFORMED: dict[str, BadFile] = {
     "zero_repeats": BadFile(variant("repeats = 2", "repeats = 0"), "sweep.repeats", "must be >= 1, got 0"),
 }
 
-SHIPPED = ("smoke.toml", "grid.toml", "serving_smoke.toml", "serving.toml")
+SHIPPED = ("smoke.toml", "grid.toml", "headline.toml", "serving_smoke.toml", "serving.toml")
 
 
 class CliRun(NamedTuple):
@@ -250,6 +250,15 @@ def load_error(tmp_path: Path, text: str) -> ExperimentError:
          "engine.kv_cache_capacity", "block_size=16: 65 tokens make 5 KV blocks of 16 tokens"),
         (BASE + '[[sweep.peers]]\npeer = "transformers"\nkv_cache_capacity = 80\n', "sweep.peers[0].kv_cache_capacity",
          "needs 6"),
+        (variant("repeats = 2", "repeats = 2\nexclude = [{ colour = 1 }]"), "sweep.exclude[0].colour",
+         "not an axis; axes: backend, max_num_batched_tokens"),
+        (variant("repeats = 2", "repeats = 2\nexclude = [{ max_num_batched_tokens = 100 }]"),
+         "sweep.exclude[0].max_num_batched_tokens", "100 is not one of the axis's values (64, 512)"),
+        (variant("repeats = 2", 'repeats = 2\nexclude = [{ backend = "native" }]'), "sweep.exclude",
+         "leaves out every combination of the axes"),
+        (variant("repeats = 2", 'repeats = 2\nexclude = [{ max_num_batched_tokens = 64 }, '
+                 '{ backend = "native", max_num_batched_tokens = 64 }]'),
+         "sweep.exclude[0]", "max_num_batched_tokens=64 leaves out no arm the others keep"),
     ],
 )
 def test_other_errors_name_field_and_problem(tmp_path: Path, text: str, field: str, problem: str) -> None:
@@ -299,6 +308,28 @@ def test_arms_are_the_cartesian_product_in_file_order(tmp_path: Path) -> None:
     fixed = {(a.config.max_model_len, a.config.device, a.config.dtype) for a in experiment.arms}
     assert fixed == {(128, "cpu", "auto")}
     assert experiment.baseline == experiment.arms[0]
+
+
+def test_exclude_leaves_out_the_combinations_it_names_and_only_those(tmp_path: Path) -> None:
+    """The headline's shape: async off for native only, every backend with it on."""
+    axes = 'backend = ["native", "cudnn"]\nasync_scheduling = [false, true]'
+    text = variant('backend = ["native"]\nmax_num_batched_tokens = [64, 512]', axes)
+    text = variant('device = "cpu"', 'device = "cuda"', text)
+    full = load_experiment(write(tmp_path, text, "full.toml"))
+    excluded = variant("repeats = 2", 'repeats = 2\nexclude = [{ backend = "cudnn", async_scheduling = false }]', text)
+    experiment = load_experiment(write(tmp_path, excluded, "excluded.toml"))
+    assert [a.label for a in experiment.arms] == [
+        "backend=native,async_scheduling=false", "backend=native,async_scheduling=true",
+        "backend=cudnn,async_scheduling=true",
+    ]
+    assert [a.label for a in full.arms if a.label not in {a.label for a in experiment.arms}] == [
+        "backend=cudnn,async_scheduling=false"
+    ]
+    assert experiment.sweep_id != full.sweep_id
+    assert experiment.flat_params()["sweep.exclude"] == [{"backend": "cudnn", "async_scheduling": False}]
+    named = 'repeats = 2\nbaseline = { backend = "cudnn", async_scheduling = false }'
+    baseline = variant("repeats = 2", named, excluded)
+    assert "matches no arm" in load_error(tmp_path, baseline).problem
 
 
 def test_interleaved_and_blocked_order(tmp_path: Path) -> None:

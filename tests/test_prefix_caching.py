@@ -13,11 +13,10 @@ import pytest
 from conftest import write_qwen2_checkpoint
 
 from novainfer import LLM, SamplingParams
-from novainfer.ab.trial.gate import MIN_BAR
 from novainfer.block_manager import BlockManager
 from novainfer.prefix_cache import chain_hashes
 from novainfer.sequence import Sequence
-from novainfer.testing import relative_errors
+from novainfer.testing import MIN_BAR, relative_errors
 
 BS = 16
 

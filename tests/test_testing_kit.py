@@ -25,6 +25,7 @@ from novainfer.backend_api import (
     hookimpl,
 )
 from novainfer.testing import (
+    MIN_BAR,
     StepSeq,
     attend,
     batch,
@@ -101,7 +102,7 @@ class Scaled:
             BackendSpec(
                 "scaled",
                 self.create,
-                Capabilities(devices=("cpu",), dtypes=("float32",)),
+                Capabilities(devices=("cpu",), dtypes=("float32", "bfloat16")),
                 contract_version=CONTRACT_VERSION,
             )
         )
@@ -135,6 +136,17 @@ def test_conformance_passes_native_and_the_reference_and_fails_a_small_error() -
     wrong = check_backend("scaled", plugins=[Scaled(1.006, lambda b: True)], device="cpu", block_sizes=(16,))
     assert not wrong.passed() and len(wrong.failures()) == len(wrong.rows)
     assert all(row.max_rel_err > 1e-4 for row in wrong.rows)
+
+
+def test_a_half_dtype_conformance_rounds_only_attention_and_still_catches_a_decode_only_error() -> None:
+    """Backends that run only in a half dtype are checked with float32 weights over a bfloat16 cache: the bar is
+    bfloat16's, native's rows show that dtype's rounding, and an error in decode steps alone is still caught."""
+    honest = check_backend("native", device="cpu", kv_cache_dtype="bfloat16", block_sizes=(16,))
+    assert honest.bar == MIN_BAR["bfloat16"] and honest.passed(), honest.failures()
+    assert max(row.max_rel_err for row in honest.rows) > MIN_BAR["float32"]  # the cache did round
+    decode_only = Scaled(1.05, lambda b: b.num_decodes == b.num_seqs)
+    wrong = check_backend("scaled", plugins=[decode_only], device="cpu", kv_cache_dtype="bfloat16", block_sizes=(16,))
+    assert [row.step for row in wrong.failures()] == ["decode"]
 
 
 def test_a_third_party_backend_written_from_the_contract_passes_the_kit(pip_install: Callable[[Path], Path]) -> None:

@@ -12,8 +12,9 @@ A file has four tables (unknown keys are rejected everywhere, so a typo never si
                 whose latencies count), [metrics.slo] ttft_ms, tpot_ms, e2e_ms (each optional), attainment = 0.9
     [engine]    any EngineConfig field; the arms start from these values
     [sweep]     axes (required: axis -> list of values; an axis is `backend` or any EngineConfig field),
-                repeats = 3, order = "interleaved" | "blocked", baseline = {axis = value, ...} (default: the
-                first arm), trial_timeout_s = 1800, warmup_seqs (default min(num_seqs, 8)),
+                exclude = [{axis = value, ...}, ...] (combinations of the axes left out), repeats = 3,
+                order = "interleaved" | "blocked", baseline = {axis = value, ...} (default: the first arm),
+                trial_timeout_s = 1800, warmup_seqs (default min(num_seqs, 8)),
                 [sweep.correctness] enabled = true, max_rel_err = 1e-2, floor_margin = 2.0, steps_per_kind = 1,
                 [[sweep.peers]] peer = "vllm" | "transformers", then any EngineConfig field but backend and
                 backend_options (overrides of [engine] for this arm), then the peer's own settings
@@ -21,9 +22,12 @@ A file has four tables (unknown keys are rejected everywhere, so a typo never si
                 executor = "local" | "ray", [sweep.ray] gpus_per_trial, cpus_per_trial (novainfer.ab.sweep.ray_executor)
     [mlflow]    experiment = "nova-ab", tracking_uri (optional; None lets the tracker pick its default store)
 
-The axes' cartesian product gives our engine's arms; each [[sweep.peers]] entry adds one arm that runs another
-engine on the same workload, labelled by what the entry says ("peer=vllm", "peer=transformers,cuda_graphs=false"),
-not crossed with the axes. A baseline may name a peer: baseline = { peer = "vllm" }.
+The axes' cartesian product, less every combination an `exclude` entry matches (all its axes equal, as in a
+GitHub Actions matrix: `exclude = [{ backend = "cudnn", async_scheduling = false }]`), gives our engine's arms;
+an entry must name axes and values the file has, and leave out at least one arm, so a typo is an error. Each
+[[sweep.peers]] entry adds one arm that runs another engine on the same workload, labelled by what the entry says
+("peer=vllm", "peer=transformers,cuda_graphs=false"), not crossed with the axes. A baseline may name a peer:
+baseline = { peer = "vllm" }.
 
 Bounds, so that a typo (an extra zero, `inf`) is a file error instead of a MemoryError or hours of work; each
 is far above any sweep we run:
@@ -275,6 +279,7 @@ class SweepTable(_Table):
     """
 
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(min_length=1)
+    exclude: list[Annotated[dict[str, Any], Field(min_length=1)]] = []
     repeats: int = Field(3, ge=1, le=MAX_REPEATS)
     order: Literal["interleaved", "blocked"] = "interleaved"
     baseline: dict[str, Any] | None = None
@@ -440,9 +445,11 @@ def _identity(
     workload: Workload, engine: EngineConfig, sweep: SweepTable, baseline: Arm,
     serving: ServingSettings | None = None, rates: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
-    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "baseline", "peers", "executor", "ray"})
+    sweep_dict = sweep.model_dump(mode="json", exclude={"axes", "exclude", "baseline", "peers", "executor", "ray"})
     # Axis order decides arm labels and trial order, so it is part of the identity: a dict would be key-sorted.
     sweep_dict["axes"] = [[axis, values] for axis, values in sweep.axes.items()]
+    if sweep.exclude:  # only when present, so a sweep without exclusions keeps the id it had before they existed
+        sweep_dict["exclude"] = sweep.exclude
     sweep_dict["baseline"] = baseline.label
     if sweep.peers:  # only when present, so a sweep without peers keeps the id it had before peers existed
         sweep_dict["peers"] = sweep.peers
@@ -519,9 +526,12 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
         _check_axis(path, axis, values)
     rate_axis = {RATE_AXIS: list(rates)} if rates else {}
 
+    excluded = _exclusions(path, parsed.sweep.exclude, axes)
     arms = []
     for combo in itertools.product(*axes.values(), *rate_axis.values()):
         params = dict(zip([*axes, *rate_axis], combo, strict=True))
+        if any(all(params[axis] == value for axis, value in entry.items()) for entry in excluded):
+            continue
         settings = {k: v for k, v in params.items() if k != RATE_AXIS}
         config = _engine_config(path, {**engine_values, **settings}, settings)
         arms.append(Arm(_label(params), params, config))
@@ -669,6 +679,29 @@ def _check_axis(path: Path, axis: str, values: list[Any]) -> None:
         if shown in seen:
             raise ExperimentError(path, field, f"duplicate value {shown}")
         seen.add(shown)
+
+
+def _exclusions(path: Path, entries: list[dict[str, Any]], axes: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """The exclude entries, each checked to name the file's axes and values and to leave out at least one arm,
+    and not all of them: a typo would otherwise exclude nothing, or everything, in silence."""
+    for index, entry in enumerate(entries):
+        for axis, value in entry.items():
+            field = f"sweep.exclude[{index}].{axis}"
+            if axis not in axes:
+                raise ExperimentError(path, field, f"not an axis; axes: {', '.join(axes)}")
+            if value not in axes[axis]:
+                shown = ", ".join(_show_value(v) for v in axes[axis])
+                raise ExperimentError(path, field, f"{_show_value(value)} is not one of the axis's values ({shown})")
+    combos = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    kept = [c for c in combos if not any(all(c[a] == v for a, v in entry.items()) for entry in entries)]
+    if not kept:
+        raise ExperimentError(path, "sweep.exclude", "leaves out every combination of the axes: no arm is left")
+    for index, entry in enumerate(entries):
+        others = entries[:index] + entries[index + 1 :]
+        if all(any(all(c[a] == v for a, v in other.items()) for other in others) for c in combos
+               if all(c[a] == v for a, v in entry.items())):
+            raise ExperimentError(path, f"sweep.exclude[{index}]", f"{_label(entry)} leaves out no arm the others keep")
+    return entries
 
 
 def _peer_arms(path: Path, entries: list[dict[str, Any]], engine: dict[str, Any]) -> tuple[list[Arm], list[dict]]:

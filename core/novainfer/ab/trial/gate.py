@@ -59,7 +59,7 @@ from novainfer.ab.wire import GateSettings
 from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
 from novainfer.models.qwen2 import Qwen2ForCausalLM
-from novainfer.testing import StepSeq, fill_cached, prepared, run
+from novainfer.testing import MIN_BAR, StepSeq, fill_cached, prepared, run
 
 REFERENCE_BACKEND = "reference"  # the core's own attention (novainfer.reference): no plugin is needed
 REFERENCE_OPTIONS = {"precision": "float64"}
@@ -71,9 +71,6 @@ GATE_ENGINES: dict[str, dict[str, Any]] = {
               "enable_prefix_caching": False},
     "tested": {},
 }
-# The least a step is allowed, by attention dtype: well above that dtype's rounding of attention (float32
-# agrees with float64 to about 1e-6 on every caliber we run), well below a wrong step's tens of percent.
-MIN_BAR = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 # Logits are compared in chunks of rows of at most this many elements (float32), to bound memory.
 _CHUNK_ELEMENTS = 1 << 26
 
