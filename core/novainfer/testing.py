@@ -21,6 +21,7 @@ dtype's bar or a margin over an honest implementation's error on it: the conform
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -240,6 +241,12 @@ def relative_errors(want: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
 # percent.
 MIN_BAR = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
+
+def allowed_error(bar: float, floor_margin: float, floor_err: float) -> float:
+    """What one step may be off the reference: `bar`, or floor_margin x an honest implementation's error on the
+    same step where that is larger; NaN (nothing passes) when the honest one's error is NaN."""
+    return math.nan if math.isnan(floor_err) else max(bar, floor_margin * floor_err)
+
 # The conformance steps: (name, sequences as (cached, new)). Ragged lengths, every kind a served step has.
 CONFORMANCE_STEPS: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
     ("prefill", ((0, 37), (0, 5), (0, 64))),
@@ -274,7 +281,7 @@ class Conformance:
     rows: list[ConformanceRow] = field(default_factory=list)
 
     def allowed(self, row: ConformanceRow) -> float:
-        return max(self.bar, self.floor_margin * row.floor_rel_err)
+        return allowed_error(self.bar, self.floor_margin, row.floor_rel_err)
 
     def passed(self) -> bool:
         return bool(self.rows) and not self.failures()
@@ -335,15 +342,17 @@ def check_backend(
                 want, honest, got = (row_logits(llm, run(llm, s)) for llm, s in zip(engines, steps, strict=True))
             graphs = tested.graph_mode == "cuda_graphs" and got_step.out.num_decodes == len(got_step.out.entries)
             report.rows.append(
-                ConformanceRow(name, block_size, graphs, len(want), _worst(want, got), _worst(want, honest))
+                ConformanceRow(
+                    name, block_size, graphs, len(want), worst_row(relative_errors(want, got)),
+                    worst_row(relative_errors(want, honest)),
+                )
             )
     return report
 
 
-def _worst(want: torch.Tensor, got: torch.Tensor) -> float:
-    """The worst row's relative error; NaN when any row's is."""
-    errors = relative_errors(want, got)
-    return float("nan") if errors.isnan().any() else float(errors.max())
+def worst_row(errors: torch.Tensor) -> float:
+    """The largest of the rows' errors; NaN when any row's is (a NaN must fail, and max() would skip it)."""
+    return math.nan if errors.isnan().any() else float(errors.max())
 
 
 def check_graph_replay(llm: LLM, context_lens: Sequence[Sequence[int]], seed: int = 0) -> list[float]:
@@ -360,5 +369,5 @@ def check_graph_replay(llm: LLM, context_lens: Sequence[Sequence[int]], seed: in
             fill_cached([(llm, step)], seed=seed + index)
             served = row_logits(llm, run(llm, step))
             eager = row_logits(llm, run(llm, step, as_served=False))
-        worst.append(_worst(eager, served))
+        worst.append(worst_row(relative_errors(eager, served)))
     return worst

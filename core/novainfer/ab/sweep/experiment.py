@@ -530,7 +530,7 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
     arms = []
     for combo in itertools.product(*axes.values(), *rate_axis.values()):
         params = dict(zip([*axes, *rate_axis], combo, strict=True))
-        if any(all(params[axis] == value for axis, value in entry.items()) for entry in excluded):
+        if any(_matches(params, entry) for entry in excluded):
             continue
         settings = {k: v for k, v in params.items() if k != RATE_AXIS}
         config = _engine_config(path, {**engine_values, **settings}, settings)
@@ -693,15 +693,18 @@ def _exclusions(path: Path, entries: list[dict[str, Any]], axes: Mapping[str, li
                 shown = ", ".join(_show_value(v) for v in axes[axis])
                 raise ExperimentError(path, field, f"{_show_value(value)} is not one of the axis's values ({shown})")
     combos = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
-    kept = [c for c in combos if not any(all(c[a] == v for a, v in entry.items()) for entry in entries)]
-    if not kept:
+    if all(any(_matches(c, entry) for entry in entries) for c in combos):
         raise ExperimentError(path, "sweep.exclude", "leaves out every combination of the axes: no arm is left")
     for index, entry in enumerate(entries):
         others = entries[:index] + entries[index + 1 :]
-        if all(any(all(c[a] == v for a, v in other.items()) for other in others) for c in combos
-               if all(c[a] == v for a, v in entry.items())):
+        if all(any(_matches(c, other) for other in others) for c in combos if _matches(c, entry)):
             raise ExperimentError(path, f"sweep.exclude[{index}]", f"{_label(entry)} leaves out no arm the others keep")
     return entries
+
+
+def _matches(params: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
+    """Whether an arm's axis values are those an exclude entry names."""
+    return all(params[axis] == value for axis, value in entry.items())
 
 
 def _peer_arms(path: Path, entries: list[dict[str, Any]], engine: dict[str, Any]) -> tuple[list[Arm], list[dict]]:

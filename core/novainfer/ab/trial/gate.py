@@ -59,7 +59,7 @@ from novainfer.ab.wire import GateSettings
 from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
 from novainfer.models.qwen2 import Qwen2ForCausalLM
-from novainfer.testing import MIN_BAR, StepSeq, fill_cached, prepared, run
+from novainfer.testing import MIN_BAR, StepSeq, allowed_error, fill_cached, prepared, run, worst_row
 
 REFERENCE_BACKEND = "reference"  # the core's own attention (novainfer.reference): no plugin is needed
 REFERENCE_OPTIONS = {"precision": "float64"}
@@ -145,9 +145,9 @@ class GateReport:
         """Take in one checked step's row errors (and the floor's, where there is a floor) and its kinds; the
         step is held to max(self.bar, floor_margin x its floor)."""
         kinds = tuple(sorted(kinds))
-        worst = _max(errors)
-        floor = _max(floor_errors) if floor_errors is not None else 0.0
-        allowed = max(self.bar, settings.floor_margin * floor) if not math.isnan(floor) else math.nan
+        worst = worst_row(errors)
+        floor = worst_row(floor_errors) if floor_errors is not None else 0.0
+        allowed = allowed_error(self.bar, settings.floor_margin, floor)
         ratio = worst / allowed
         for kind in kinds:
             cov = self.coverage[kind]
@@ -306,10 +306,6 @@ def _row_errors(model: Qwen2ForCausalLM, want: torch.Tensor, *others: torch.Tens
         for out, other in zip(errors, others):
             out.append(((model.compute_logits(other[i : i + rows]) - expected).norm(dim=-1) / norm).cpu())
     return [torch.cat(e) for e in errors]
-
-
-def _max(errors: torch.Tensor) -> float:
-    return math.nan if errors.isnan().any() else float(errors.max())
 
 
 def is_worse(new: float, old: float) -> bool:
