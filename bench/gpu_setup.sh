@@ -4,6 +4,9 @@
 # installed files repacked smaller (nvidia-cutlass-dsl-libs-base does not fit a carry as a wheel),
 # unpacked into /tmp/site as they are.
 set -e
+# A warm machine keeps /tmp/site from the call before, which may have carried another set (.fa4's CUTLASS DSL 4.4.2
+# breaks flashinfer 0.6.13 and vLLM, which find it first): every call starts from its own carry only.
+rm -rf /tmp/site
 for dir in ${NOVA_WHEELS:-.whl}; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/*.whl
     for packed in "$dir"/*.tar.xz; do
@@ -19,7 +22,6 @@ if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.spl
         "$(python3 -c 'import setuptools; print(setuptools.__version__)'): carry setuptools==80.9.0 in .whl" >&2
     return 1 2>/dev/null || exit 1  # sourced, as the device runs do, or run
 fi
-# --upgrade: a warm machine keeps /tmp/site, and without it pip leaves the last call's copy of our code.
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site \
     . plugins/*/
 # pip check: the installs above take --no-deps (the carry is all the device gets), so nothing has asked whether the

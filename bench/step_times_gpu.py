@@ -2,9 +2,10 @@
 
 Runs an experiment's workload as a trial does (warm-up generate, then the timed generate) with one
 backend, then prints: the wall time of prefill-carrying steps and of decode steps (median, p90, sum),
-the device time of one CUDA-graph replay of the decode bucket the run used most (so the rest of a
-decode step is host work), and a torch.profiler table of the CPU time by op of one eager prefill step
-of the workload. For diagnosis, not for numbers: the sweep's trials are the numbers.
+per decode bucket: the steps' host work left exposed and the device time of that bucket's CUDA-graph replay,
+beside the time one read of the weights takes at the device's measured copy bandwidth, and a torch.profiler
+table of the CPU time by op of one eager prefill step of the workload. For diagnosis, not for numbers: the
+sweep's trials are the numbers.
 
     python bench/step_times_gpu.py experiments/kv_layout.toml [native] [--async on|off]
 
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from novainfer import LLM
 from novainfer.ab.sweep.experiment import load_experiment
-from novainfer.scheduler import SchedulerOutput
+from novainfer.engine import StepStats
 from novainfer.sequence import SamplingParams
 
 
@@ -37,6 +37,24 @@ def replay_ms(llm: LLM, bucket: int, repeats: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def weight_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.model.parameters())
+
+
+def copy_bandwidth(size: int = 1 << 32, repeats: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read plus write) over a buffer larger than any cache."""
+    src = torch.empty(size, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size * repeats / (start.elapsed_time(end) / 1e3)
 
 
 def main() -> None:
@@ -53,19 +71,7 @@ def main() -> None:
     llm.generate(prompts, params)
     torch.cuda.synchronize()
     llm.step_stats.clear()
-    buckets: Counter[int] = Counter()
-    bucket_for = llm.runner.bucket_for
-
-    def tallied(out: SchedulerOutput) -> int | None:
-        """The runner's own choice of graph for each step of the timed run, counted."""
-        bucket = bucket_for(out)
-        if bucket is not None:
-            buckets[bucket] += 1
-        return bucket
-
-    llm.runner.bucket_for = tallied
     llm.generate(prompts, params)
-    llm.runner.bucket_for = bucket_for
     stats = llm.step_stats
     prefill = [s.seconds * 1e3 for s in stats if s.num_prefill_tokens]
     decode = [s.seconds * 1e3 for s in stats if not s.num_prefill_tokens]
@@ -88,8 +94,24 @@ def main() -> None:
             hidden = sum(s.hidden_s for s in steps) / max(sum(s.host_s for s in steps), 1e-12)
             print(f"  {name:8} host {statistics.median(s.host_s for s in steps) * 1e3:.3f} "
                   + " ".join(f"{k[:-2]} {v:.3f}" for k, v in parts.items()) + f" hidden {hidden:.0%}")
-    for bucket, count in buckets.most_common(3):
-        print(f"graph replay of bucket {bucket} ({count} steps): {replay_ms(llm, bucket):.3f} ms device time")
+    # By decode bucket: a step's host work not hidden behind the step before (host_s - hidden_s: an upper bound,
+    # hidden_s being a lower one) beside the device time of that bucket's graph replay and of reading the weights
+    # once at the device's measured copy bandwidth (what any decode step must at least spend).
+    weight_ms = weight_bytes(llm) / copy_bandwidth() * 1e3
+    print(f"decode steps by bucket (weights {weight_bytes(llm) / 2**30:.2f} GiB: read once in {weight_ms:.3f} ms)")
+    print("  bucket  steps  step median  host median  exposed host median / p90  graph replay")
+    sizes = sorted(llm.runner.graph_sizes)
+    by_bucket: dict[int, list[StepStats]] = {}
+    for s in stats:
+        if not s.num_prefill_tokens:
+            by_bucket.setdefault(next(b for b in sizes if b >= s.num_seqs), []).append(s)
+    for bucket in sorted(by_bucket, reverse=True)[:6]:
+        steps = by_bucket[bucket]
+        exposed = sorted((s.host_s - s.hidden_s) * 1e3 for s in steps)
+        print(f"  {bucket:6}  {len(steps):5}  {statistics.median(s.seconds for s in steps) * 1e3:8.3f} ms"
+              f"  {statistics.median(s.host_s for s in steps) * 1e3:8.3f} ms"
+              f"  {statistics.median(exposed):8.3f} / {exposed[int(0.9 * len(exposed))]:.3f} ms"
+              f"  {replay_ms(llm, bucket):8.3f} ms")
 
     # One eager prefill step of the workload's prompts, profiled on the host.
     for prompt, n in zip(prompts, lens):
