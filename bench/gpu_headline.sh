@@ -5,7 +5,7 @@
 # and .whl with .vllm is more than one call carries, so each call is two back to back (the machine keeps /tmp
 # for 30 s between them):
 #   call 1, carry .vllm:                     bash .vllm/vllm_device_setup.sh          (stashes the bundle in /tmp)
-#   call 2, carry .whl (and .nova-ab after the first): [RESUME=1] bash bench/gpu_headline.sh
+#   call 2, carry .whl, .vllm/vllm_device_setup.sh (and .nova-ab after the first): [RESUME=1] bash bench/gpu_headline.sh
 # Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call (it holds .nova-ab/), so that
 # RESUME=1 runs only the trials still missing. The table lands in $OUT/headline.txt, the trials' logs beside the
 # ledger. With STEP_TIMES=1 the call ends with native's step times by class, async on (bench/step_times_gpu.py).

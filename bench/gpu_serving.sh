@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The online caliber on the device, one call (of at most LIMIT seconds, default 540):
-#   NOVA_WHEELS=".whl .fi" bash bench/gpu_serving.sh
-# runs experiments/serving.toml (latency under load at 8..64 req/s, SLO TTFT <= 500 ms / TPOT <= 30 ms); its
-# 16 trials take more than one call, so a later call with RESUME=1 continues the sweep from its ledger (carry
-# .nova-ab back: the ledgers come home in $OUT/ledgers.tgz, `nova-ab import` logs them to MLflow). The table and
-# the verdict land in $OUT/serving.txt, the latency-against-rate plot in $OUT/serving.png.
+# Issue 27's online run (experiments/serving.toml: native with the asynchronous host path against vLLM 0.26.0 at
+# 8..64 req/s, SLO TTFT <= 500 ms / TPOT <= 30 ms, 2 repeats), over as many device calls as it takes, each two
+# back to back as bench/gpu_headline.sh's (the machine keeps /tmp for 30 s between them):
+#   call 1, carry .vllm:                                      bash .vllm/vllm_device_setup.sh   (stashes the bundle)
+#   call 2, carry .whl, .vllm/vllm_device_setup.sh (and .nova-ab after the first):  [RESUME=1] bash bench/gpu_serving.sh
+# Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call. The table and the verdict
+# land in $OUT/serving.txt, the latency-against-rate plot in $OUT/serving.png.
 source bench/gpu_setup.sh
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
+bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
+    tail -5 $OUT/vllm_setup.txt; echo "gpu_serving.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
+}
+export PYTHONPATH=$PYTHONPATH:/tmp/vsite FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 timeout "${LIMIT:-540}" python3 -m novainfer.ab.sweep.cli sweep experiments/serving.toml ${RESUME:+--resume} 2>&1 \
     | tail -60 | tee $OUT/serving.txt
 latest=$(ls -td .nova-ab/serving-* 2>/dev/null | head -1)
 [ -n "$latest" ] && [ -f "$latest/compare.png" ] && cp "$latest/compare.png" $OUT/serving.png
-find .nova-ab \( -name ledger.jsonl -o -name sweep.json \) | tar czf $OUT/ledgers.tgz -T -
+find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) | tar czf $OUT/ledgers.tgz -T -

@@ -2,7 +2,8 @@
 
 Runs an experiment's workload as a trial does (warm-up generate, then the timed generate) with one
 backend, then prints: the wall time of prefill-carrying steps and of decode steps (median, p90, sum),
-per decode bucket: the steps' host work left exposed and the device time of that bucket's CUDA-graph replay,
+per decode bucket: the steps' host work left exposed and the device time of that bucket's CUDA-graph replay (in a
+run, over each step's own metadata, and alone, over the last step's),
 beside the time one read of the weights takes at the device's measured copy bandwidth, and a torch.profiler
 table of the CPU time by op of one eager prefill step of the workload. For diagnosis, not for numbers: the
 sweep's trials are the numbers.
@@ -16,6 +17,7 @@ step before was still on the GPU (hidden_s) are printed by class: prefill-carryi
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -37,6 +39,34 @@ def replay_ms(llm: LLM, bucket: int, repeats: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def replays_in_a_run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict[int, list[float]]:
+    """Device milliseconds of each graph replay of one more generate of the workload, by bucket: CUDA events
+    around each replay as the run launches it, over the step's real metadata (a replay timed alone reruns the last
+    step's). A run of its own, so the events' host cost stays out of the step times above."""
+    graphs = llm.runner.graphs
+    replay = graphs.replay
+    events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = replay(size)
+        end.record()
+        events.append((size, start, end))
+        return out
+
+    graphs.replay = timed
+    try:
+        llm.generate(prompts, params)
+    finally:
+        graphs.replay = replay
+    torch.cuda.synchronize()
+    by_size: dict[int, list[float]] = {}
+    for size, start, end in events:
+        by_size.setdefault(size, []).append(start.elapsed_time(end))
+    return by_size
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -72,7 +102,8 @@ def main() -> None:
     torch.cuda.synchronize()
     llm.step_stats.clear()
     llm.generate(prompts, params)
-    stats = llm.step_stats
+    stats = list(llm.step_stats)
+    in_run = replays_in_a_run(llm, prompts, params)
     prefill = [s.seconds * 1e3 for s in stats if s.num_prefill_tokens]
     decode = [s.seconds * 1e3 for s in stats if not s.num_prefill_tokens]
     total = sum(s.seconds for s in stats)
@@ -99,7 +130,7 @@ def main() -> None:
     # once at the device's measured copy bandwidth (what any decode step must at least spend).
     weight_ms = weight_bytes(llm) / copy_bandwidth() * 1e3
     print(f"decode steps by bucket (weights {weight_bytes(llm) / 2**30:.2f} GiB: read once in {weight_ms:.3f} ms)")
-    print("  bucket  steps  step median  host median  exposed host median / p90  graph replay")
+    print("  bucket  steps  step median  host median  exposed host median / p90  replay in the run  replay alone")
     sizes = sorted(llm.runner.graph_sizes)
     by_bucket: dict[int, list[StepStats]] = {}
     for s in stats:
@@ -111,7 +142,7 @@ def main() -> None:
         print(f"  {bucket:6}  {len(steps):5}  {statistics.median(s.seconds for s in steps) * 1e3:8.3f} ms"
               f"  {statistics.median(s.host_s for s in steps) * 1e3:8.3f} ms"
               f"  {statistics.median(exposed):8.3f} / {exposed[int(0.9 * len(exposed))]:.3f} ms"
-              f"  {replay_ms(llm, bucket):8.3f} ms")
+              f"  {statistics.median(in_run.get(bucket, [math.nan])):10.3f} ms  {replay_ms(llm, bucket):8.3f} ms")
 
     # One eager prefill step of the workload's prompts, profiled on the host.
     for prompt, n in zip(prompts, lens):

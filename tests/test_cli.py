@@ -11,10 +11,16 @@ import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+import pytest
 from test_sweep import SMOKE, client, ledger_records, nova_ab, runs, wait_for_first_trial, write_experiment
 
-from novainfer.ab.sweep.executor import _signal_name
+from novainfer.ab.sweep.arm_checks import check_arms
+from novainfer.ab.sweep.executor import LocalSubprocessExecutor, ProgressCallback, _signal_name
+from novainfer.ab.sweep.experiment import load_experiment, plan_trials
+from novainfer.ab.sweep.interrupts import interrupts_kept
 from novainfer.ab.sweep.outcome import EXIT_TRIALS_FAILED
+from novainfer.ab.sweep.runner import SweepInterrupted, run_sweep
+from novainfer.ab.wire import TrialRecord, TrialRequest
 
 
 def test_bare_nova_ab_prints_help_and_version_says_the_version() -> None:
@@ -134,6 +140,55 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> Non
     assert sorted(r["trial_id"] for r in ledger_records(tmp_path)) == [f"backend=native#{i}" for i in range(4)]
     parents, children = runs(tmp_path, "nova-ab")
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 4
+
+
+class _InterruptedInAFinalizer:
+    """Ctrl-C landing while Python runs this object's finalizer: Python prints "Exception ignored in ..." and
+    drops the KeyboardInterrupt, as it does for any finalizer (an MLflow session's, a Popen's) the signal hits."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+
+class _DroppingExecutor(LocalSubprocessExecutor):
+    """The local executor, with a Ctrl-C dropped by a finalizer as its first trial ends."""
+
+    def run_trial(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
+        record = super().run_trial(request, timeout_s, on_progress)
+        if request.repeat == 0:
+            _InterruptedInAFinalizer()
+        return record
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop itself, expected
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_sweep(tmp_path: Path, monkeypatch) -> None:
+    exp = write_experiment(tmp_path / "dropped.toml", ["native"], 2, 120)
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(exp)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (see the test above)
+    try:
+        with pytest.raises(SweepInterrupted) as stopped:
+            run_sweep(
+                experiment, plan_trials(experiment, 0), check_arms(experiment), order_seed=0,
+                executor=_DroppingExecutor(tmp_path / "logs"),
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "1 of 2 trials are in the ledger" in str(stopped.value)
+    assert [r["trial_id"] for r in ledger_records(tmp_path)] == ["backend=native#0"]
+    parents, _ = runs(tmp_path, "nova-ab")
+    assert [p.info.status for p in parents] == ["KILLED"]
+
+
+def test_interrupts_kept_leaves_a_sigint_the_shell_ignores_ignored() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_kept() as check:
+            signal.raise_signal(signal.SIGINT)
+            check()  # nothing arrived: an ignored SIGINT stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_signal_deaths_say_which_signal() -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from novainfer.ab.sweep import commands
 from novainfer.ab.sweep.arm_checks import ArmsHere, check_runnable
 from novainfer.ab.sweep.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.sweep.experiment import Experiment, ExperimentError, TrialSpec
+from novainfer.ab.sweep.interrupts import interrupts_kept
 from novainfer.ab.sweep.ledger import Ledger
 from novainfer.ab.sweep.names import arm_names, sweep_name, trial_name
 from novainfer.ab.sweep.outcome import outcome
@@ -160,7 +162,10 @@ def run_sweep(
     console.print(f"sweep [bold]{info.name}[/]: {len(todo)} of {len(trials)} trials to run; ledger {ledger.path}")
     try:
         skipped = here.skipped if experiment.sweep.executor == "local" else {}
-        tracker = _run_trials(experiment, todo, skipped, info, executor, ledger, tracker, console)
+        with interrupts_kept() as stop_if_interrupted:
+            tracker = _run_trials(
+                experiment, todo, skipped, info, executor, ledger, tracker, console, stop_if_interrupted
+            )
     except KeyboardInterrupt:
         if tracker is not None:
             _end(tracker, run_id, "KILLED", console)
@@ -227,9 +232,11 @@ def _run_trials(
     ledger: Ledger,
     tracker: Tracker | None,
     console: Console,
+    stop_if_interrupted: Callable[[], None],
 ) -> Tracker | None:
     """Each trial through the executor (the arms in `skipped` recorded at once, with why), into the ledger, then
-    to MLflow; returns the tracker, or None once the store has failed."""
+    to MLflow; returns the tracker, or None once the store has failed. After each record, a Ctrl-C that Python
+    dropped on the way (novainfer.ab.sweep.interrupts) stops the sweep there."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
@@ -251,6 +258,7 @@ def _run_trials(
                 tracker = _log(tracker, record, console)
             progress.advance(overall)
             progress.update(tokens, visible=False)
+            stop_if_interrupted()
 
         requests = [trial_request(experiment, info.sweep_id, trial) for trial in todo]
         for request in requests:
