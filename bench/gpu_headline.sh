@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Issue 27's headline (experiments/headline.toml: native with the asynchronous host path on and off, cudnn,
 # flashinfer, vLLM 0.26.0; 3 repeats), over as many device calls as it takes. Every call needs every arm
-# installed (an arm missing from a call would be recorded as skipped, and a resumed sweep never runs it again),
+# installed (an arm missing from a call is recorded as skipped, which only RERUN_FAILED=1 runs again),
 # and .whl with .vllm is more than one call carries, so each call is two back to back (the machine keeps /tmp
 # for 30 s between them):
 #   call 1, carry .vllm:                     bash .vllm/vllm_device_setup.sh          (stashes the bundle in /tmp)
 #   call 2, carry .whl, .vllm/vllm_device_setup.sh (and .nova-ab after the first): [RESUME=1] bash bench/gpu_headline.sh
 # Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call (it holds .nova-ab/), so that
-# RESUME=1 runs only the trials still missing. The table lands in $OUT/headline.txt, the trials' logs beside the
-# ledger. With STEP_TIMES=1 the call ends with native's step times by class, async on (bench/step_times_gpu.py).
+# RESUME=1 runs only the trials still missing (RERUN_FAILED=1: also those that failed, timed out or were
+# skipped). The table lands in $OUT/headline.txt, the trials' logs beside the ledger. With STEP_TIMES=1 the
+# call ends with native's step times by class, async on (bench/step_times_gpu.py).
 source bench/gpu_setup.sh
 bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
     tail -5 $OUT/vllm_setup.txt; echo "gpu_headline.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
 }
 export PYTHONPATH=$PYTHONPATH:/tmp/vsite FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
-timeout "${LIMIT:-480}" python3 -m novainfer.ab.sweep.cli sweep experiments/headline.toml ${RESUME:+--resume} 2>&1 \
+timeout "${LIMIT:-480}" python3 -m novainfer.ab.sweep.cli sweep experiments/headline.toml ${RESUME:+--resume} \
+    ${RERUN_FAILED:+--rerun-failed} 2>&1 \
     | tail -40 | tee $OUT/headline.txt
 if [ -n "$STEP_TIMES" ]; then
     timeout 120 python3 bench/step_times_gpu.py experiments/headline.toml native --async on 2>&1 | head -14 \

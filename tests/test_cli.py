@@ -100,6 +100,15 @@ def test_compare_formats_and_writes_a_png_only_when_asked(tmp_path: Path) -> Non
     assert rows[0]["arm"] == "bt=64" and rows[0]["baseline"]  # one name per arm, as in MLflow and the table
     assert rows[0]["settings"] == "backend=native,max_num_batched_tokens=64"
     assert rows[0]["sweep"] == parent.info.run_name
+    # Another arm as the baseline, chosen when comparing (an unverified peer baseline carries no speedups).
+    other = rows[1]["arm"]
+    rebased = json.loads(nova_ab(tmp_path, "compare", "--format", "json", "--baseline", other).stdout)
+    assert (rebased[0]["arm"], rebased[0]["baseline"]) == (other, True)
+    assert not any(r["baseline"] for r in rebased[1:]) and rows[0]["arm"] in {r["arm"] for r in rebased[1:]}
+    unknown = nova_ab(tmp_path, "compare", "--baseline", "no-such-arm")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    (line,) = unknown.stderr.strip().splitlines()
+    assert "--baseline" in line and "'no-such-arm'" in line and rows[0]["arm"] in line
     as_csv = nova_ab(tmp_path, "compare", "--format", "csv")
     assert as_csv.stdout.splitlines()[0].startswith("sweep,arm,baseline,measured,trials,median_tok_s")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # compare wrote nothing

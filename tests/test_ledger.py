@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from novainfer.ab.sweep.ledger import Ledger, LedgerError
+from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger, LedgerError
 from novainfer.ab.wire import TrialRecord
 
 
@@ -47,6 +47,24 @@ def test_round_trip_and_done_ids(tmp_path: Path) -> None:
     assert ledger.done_trial_ids("s2") == {"a#0"}
     lines = ledger.path.read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(line)["sweep_id"] for line in lines)
+
+
+def test_a_trial_run_again_reads_as_its_latest_record_and_only_failures_of_surroundings_rerun(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    first = [_record("a#0"), _record("b#0", status="failed"), _record("c#0", status="incorrect"),
+             _record("d#0", status="timeout"), _record("e#0", status="skipped")]
+    for record in first:
+        ledger.append(record)
+    assert ledger.done_trial_ids() == {"a#0", "b#0", "c#0", "d#0", "e#0"}  # plain --resume: any status is done
+    # --rerun-failed: the crash, the hang and the arm that could not run; never the verdict "incorrect".
+    assert ledger.done_trial_ids(rerun=RERUNNABLE) == {"a#0", "c#0"}
+    again = _record("b#0")
+    ledger.append(again)
+    assert [r.trial_id for r in ledger.records()] == ["a#0", "c#0", "d#0", "e#0", "b#0"]
+    assert ledger.records()[-1] == again and ledger.done_trial_ids(rerun=RERUNNABLE) == {"a#0", "b#0", "c#0"}
+    assert len(ledger.path.read_text().splitlines()) == 6  # the failed run's record stays in the file
 
 
 def test_append_fsyncs_before_returning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,6 +42,7 @@ def test_an_honest_run_passes_with_every_token_checked_within_its_floor(dtype: s
     assert report.passed() and report.complete(), report.problem()
     assert report.tokens_checked == report.tokens_produced == WORKLOAD.expected_output_tokens
     assert report.tokens_outside == 0 and report.worst_ratio <= 1
+    assert 0 < report.build_seconds < report.seconds and report.steps >= 1  # where the check's time went
     # The margin is measured, not set: four times the floor's largest logit difference, which bfloat16's
     # rounding makes far larger than float32's.
     assert report.floor_delta > 0 and report.margin == pytest.approx(4 * report.floor_delta)

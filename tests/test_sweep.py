@@ -183,6 +183,26 @@ def test_faulty_backends_are_recorded_and_the_sweep_goes_on(tmp_path: Path, faul
     _, children = runs(tmp_path, "nova-ab")
     assert sorted(c.data.tags["nova.status"] for c in children) == ["failed", "incorrect", "ok", "timeout"]
 
+    # Run again what gave no result for its surroundings (the crash, the hang), never the verdict "incorrect".
+    alone = nova_ab(tmp_path, "sweep", str(exp), "--rerun-failed")
+    assert alone.returncode == 2 and alone.stderr.strip() == (
+        "nova-ab: --rerun-failed runs trials of an earlier sweep again: add --resume"
+    )
+    again = nova_ab(tmp_path, "sweep", str(exp), "--resume", "--rerun-failed", env={"PYTHONPATH": str(faulty_site)})
+    assert again.returncode == EXIT_TRIALS_FAILED, again.stderr[-3000:]
+    assert ": 2 of 4 trials to run;" in again.stdout
+    lines = ledger_records(tmp_path)
+    assert len(lines) == 6 and sorted(r["arm"] for r in lines[4:]) == ["backend=hangs", "backend=raises"]
+    # In MLflow each trial has one child, the latest record's; the two it replaced are deleted (restorable).
+    _, children = runs(tmp_path, "nova-ab")
+    latest = {r["trial_id"]: int(r["finished_at"] * 1000) for r in lines}
+    assert {c.data.tags["nova.trial_id"]: c.info.end_time for c in children} == latest
+    from mlflow.entities import ViewType
+
+    mlflow = client(tmp_path)
+    gone = mlflow.search_runs([children[0].info.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert sorted(r.data.tags["nova.arm"] for r in gone) == ["backend=hangs", "backend=raises"]
+
 
 def test_sigkilled_sweep_is_finished_by_resume_with_one_child_per_trial(tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "resume.toml", ["native"], 4, 120, extra="")

@@ -187,6 +187,8 @@ def test_backends_that_hide_from_checks_are_incorrect_on_both_calibers_and_never
             assert record.status == "ok", record.reason
             assert metrics["output_tokens_checked"] == metrics["output_tokens_produced"] == metrics["expected_tokens"]
             assert metrics["output_tokens_outside"] == 0 and metrics["output_check_seconds"] > 0
+            assert 0 < metrics["output_check_build_seconds"] < metrics["output_check_seconds"]
+            assert metrics["output_check_steps"] >= 1
             continue
         assert record.status == "incorrect", (backend, record.arm_params, record.status, record.reason)
         if backend in TELL_CHECKS_APART:

@@ -182,7 +182,9 @@ OUTPUT_CHECK_METHOD = (
 class OutputCheck:
     """What the output check found. worst_ratio: the worst token's gap over the margin (passing is <= 1; NaN
     fails). worst_request / worst_position: that token's request and its index among the request's outputs.
-    plugins_loaded: modules of installed backend plugins present in the checking process (must be none)."""
+    plugins_loaded: modules of installed backend plugins present in the checking process (must be none).
+    seconds: the check's whole time in its process; build_seconds of it building the two engines (the rest is
+    teacher forcing, over `steps` prefill steps of each engine)."""
 
     tokens_produced: int
     tokens_checked: int = 0
@@ -196,6 +198,8 @@ class OutputCheck:
     worst_token: int = -1
     reference_token: int = -1
     seconds: float = 0.0
+    build_seconds: float = 0.0
+    steps: int = 0
     plugins_loaded: tuple[str, ...] = ()
 
     def passed(self) -> bool:
@@ -218,7 +222,8 @@ class OutputCheck:
             "output_tokens_produced": self.tokens_produced, "output_tokens_checked": self.tokens_checked,
             "output_tokens_outside": self.tokens_outside, "output_margin": self.margin,
             "output_floor_delta": self.floor_delta, "output_worst_ratio": self.worst_ratio,
-            "output_check_seconds": self.seconds,
+            "output_check_seconds": self.seconds, "output_check_build_seconds": self.build_seconds,
+            "output_check_steps": self.steps,
         }
 
     def to_json(self) -> str:

@@ -44,6 +44,8 @@ class UsageError(Exception):
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    if args.rerun_failed and not args.resume:
+        raise UsageError("--rerun-failed runs trials of an earlier sweep again: add --resume")
     judge = start_arm_check()  # first: its imports (torch) overlap the loading of the file and of the runner
     try:
         experiment = load_experiment(Path(args.file))
@@ -65,7 +67,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(experiment, trials, args.resume, here, seed, args.order_seed is not None)
     return run_sweep(
-        experiment, trials, here, resume=args.resume, tracking_uri=args.tracking_uri, order_seed=seed
+        experiment, trials, here, resume=args.resume, tracking_uri=args.tracking_uri, order_seed=seed,
+        rerun_failed=args.rerun_failed,
     )
 
 
@@ -115,8 +118,10 @@ def _compare(args: argparse.Namespace) -> int:
         name, _, route = tracker.sweep_link(sweep_id)
     except TrackingError as error:
         raise UsageError(str(error)) from error
-    summaries = summarize(records, baseline)
     names = record_names(records)
+    if args.baseline is not None:
+        baseline = _chosen_arm(args.baseline, names)
+    summaries = summarize(records, baseline)
     if is_online(records):  # an online sweep: latency under load, rate by rate
         return _compare_online(args, records, baseline, name)
     if args.format == "table":
@@ -133,6 +138,14 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         print(f"plot: {plot(summaries, Path(args.out), title=name, names=names)}", file=sys.stderr)
     return 0
+
+
+def _chosen_arm(wanted: str, names: dict[str, str]) -> str:
+    """The label of the arm `wanted` names (by its short name, as the table shows it, or by its label)."""
+    for label, name in names.items():
+        if wanted in (name, label):
+            return label
+    raise UsageError(f"--baseline: the sweep has no arm {wanted!r}; its arms: {', '.join(names.values())}")
 
 
 def _where_to_see(uri: str, name: str, route: str) -> str:
@@ -277,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run every trial of an experiment file")
     sweep.add_argument("file", help="experiment TOML file")
     sweep.add_argument("--resume", action="store_true", help="run only the trials missing from the ledger")
+    sweep.add_argument(
+        "--rerun-failed", action="store_true",
+        help="with --resume, also run again the trials whose latest record is failed, timeout or skipped (a "
+        "crash, a hang, an arm that could not run then); never incorrect ones. The new record supersedes the old",
+    )
     sweep.add_argument("--tracking-uri", help="MLflow tracking URI (overrides [mlflow] tracking_uri)")
     sweep.add_argument(
         "--dry-run", action="store_true", help="validate, say which arms run here, print the plan; run nothing"
@@ -296,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", default="nova-ab", help="MLflow experiment name")
     compare.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv or json")
     compare.add_argument("--out", help="also write the comparison PNG to this path")
+    compare.add_argument("--baseline", help="the arm to compare the others with, by its name in the table "
+                         "(default: the experiment's baseline)")
     compare.set_defaults(func=_compare)
     backends = sub.add_parser("backends", help="installed backends and whether each runs here")
     backends.add_argument("--format", choices=FORMATS, default="table", help="table (default), csv or json")

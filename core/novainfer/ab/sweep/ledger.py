@@ -4,6 +4,10 @@ Every finished trial is appended (and fsync'ed) here before it goes anywhere els
 killed, or whose MLflow store is down, loses at most the trial that was running: `--resume` skips the
 trials in `done_trial_ids()`, and `nova-ab import` replays the ledger into MLflow later.
 
+A trial that gave no result for a reason of its surroundings (RERUNNABLE: a crash, a hang, an arm that could not
+run here) may be run again (`--resume --rerun-failed`): its new record is appended, the old one stays in the
+file, and readers take each trial's latest record (`records`).
+
 A process killed mid-`append` can leave a torn final line (a prefix of a record, no newline). Readers
 ignore it; the next `append` cuts it off before writing, so it never glues onto the next record.
 Any other unreadable line is real damage and raises `LedgerError` rather than being skipped silently.
@@ -22,6 +26,11 @@ from novainfer.ab.wire import TrialRecord
 _log = logging.getLogger(__name__)
 # How far back `_tail_offset` reads per step while looking for the last newline.
 _TAIL_CHUNK = 64 * 1024
+
+
+# Statuses that say nothing of an arm's tokens or speed, so running the trial again picks nothing: never
+# "incorrect" or "caliber_mismatch", verdicts that running again until they pass would launder.
+RERUNNABLE = frozenset({"failed", "timeout", "skipped"})
 
 
 class LedgerError(RuntimeError):
@@ -50,7 +59,22 @@ class Ledger:
             _fsync_dir(self.path.parent)
 
     def records(self) -> list[TrialRecord]:
-        """All records in file order; a torn final line is ignored, a missing file reads as empty."""
+        """Each trial's latest record (per sweep and trial id), in the file order of those; a torn final line is
+        ignored, a missing file reads as empty."""
+        lines = self._lines()
+        last = {(r.sweep_id, r.trial_id): i for i, r in enumerate(lines)}
+        return [r for i, r in enumerate(lines) if last[(r.sweep_id, r.trial_id)] == i]
+
+    def done_trial_ids(self, sweep_id: str | None = None, rerun: frozenset[str] = frozenset()) -> set[str]:
+        """Ids of the trials with a record (of `sweep_id` only, when given) whose latest status is not in
+        `rerun` (RERUNNABLE's, for `--rerun-failed`; by default any status is done)."""
+        return {
+            r.trial_id for r in self.records()
+            if (sweep_id is None or r.sweep_id == sweep_id) and r.status not in rerun
+        }
+
+    def _lines(self) -> list[TrialRecord]:
+        """Every record in file order."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -67,10 +91,6 @@ class Ledger:
             else:
                 out.append(record)
         return out
-
-    def done_trial_ids(self, sweep_id: str | None = None) -> set[str]:
-        """Ids of the trials with a record, whatever their status (of `sweep_id` only, when given)."""
-        return {r.trial_id for r in self.records() if sweep_id is None or r.sweep_id == sweep_id}
 
     def _parse(self, raw: bytes, number: int) -> TrialRecord:
         record = _parse_or_none(raw)

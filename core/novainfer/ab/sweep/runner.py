@@ -25,7 +25,7 @@ from novainfer.ab.sweep.arm_checks import ArmsHere, check_runnable
 from novainfer.ab.sweep.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.sweep.experiment import Experiment, ExperimentError, TrialSpec
 from novainfer.ab.sweep.interrupts import interrupts_kept
-from novainfer.ab.sweep.ledger import Ledger
+from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger
 from novainfer.ab.sweep.names import arm_names, sweep_name, trial_name
 from novainfer.ab.sweep.outcome import outcome
 from novainfer.ab.sweep.report import console as comparison_console
@@ -137,8 +137,10 @@ def run_sweep(
     executor: Executor | None = None,
     console: Console | None = None,
     order_seed: int | None = None,
+    rerun_failed: bool = False,
 ) -> int:
-    """Run the trials not yet in the ledger; with the local executor, those of arms `here` skips are recorded
+    """Run the trials not yet in the ledger (and with `rerun_failed`, those whose latest record is RERUNNABLE:
+    their new record supersedes it); with the local executor, those of arms `here` skips are recorded
     as skipped, with its reason, without a trial process (on a Ray cluster each trial finds out on its own
     machine). Ctrl-C kills the running trial, keeps the finished ones, marks the parent
     run KILLED and raises SweepInterrupted, whose message is the command that resumes the sweep.
@@ -155,7 +157,7 @@ def run_sweep(
     info = sweep_info(experiment, directory, counter, order_seed)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SWEEP_INFO_NAME).write_text(json.dumps(asdict(info), indent=1))
-    done = ledger.done_trial_ids()
+    done = ledger.done_trial_ids(rerun=RERUNNABLE if rerun_failed else frozenset())
     todo = [t for t in trials if t.trial_id not in done]
     uri = tracking_uri or experiment.mlflow.tracking_uri or default_tracking_uri()
     tracker = _connect(uri, experiment.mlflow.experiment, info, ledger, console)
@@ -169,7 +171,8 @@ def run_sweep(
     except KeyboardInterrupt:
         if tracker is not None:
             _end(tracker, run_id, "KILLED", console)
-        resume_command = f"{commands.nova_ab()} {commands.join('sweep', experiment.path, '--resume')}"
+        again = ("--resume", "--rerun-failed") if rerun_failed else ("--resume",)
+        resume_command = f"{commands.nova_ab()} {commands.join('sweep', experiment.path, *again)}"
         if tracking_uri:
             resume_command += f" {commands.join('--tracking-uri', tracking_uri)}"
         raise SweepInterrupted(

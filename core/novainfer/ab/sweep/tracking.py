@@ -16,9 +16,10 @@ Layout in the experiment:
   column), so runs of different calibers are told apart at a glance.
 
 Logging is idempotent: a trial whose child already exists is not logged again, so the runner may log
-live and `import_ledger` may replay the whole ledger afterwards. MLflow is imported lazily, inside
-`Tracker`, so trial subprocesses (and a runner whose store is down) never need it; every store failure
-surfaces as one `TrackingError` with a one-line message.
+live and `import_ledger` may replay the whole ledger afterwards; only a record that supersedes its trial's
+child (the trial run again, `--rerun-failed`, after a status that is no verdict) replaces it. MLflow is
+imported lazily, inside `Tracker`, so trial subprocesses (and a runner whose store is down) never need it;
+every store failure surfaces as one `TrackingError` with a one-line message.
 
 Faults cost seconds, not minutes: a call to an HTTP server fails within about 8 s (short timeout, one
 retry), a sqlite store is created by one process at a time (a file lock beside it) and a write that loses
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.request import pathname2url, url2pathname
 
-from novainfer.ab.sweep.ledger import Ledger, LedgerError
+from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger, LedgerError
 from novainfer.ab.sweep.names import trial_name
 from novainfer.ab.wire import GATE_PREFIX, TrialRecord
 
@@ -307,6 +308,15 @@ class SweepInfo:
     order_seed: int | None = None
 
 
+@dataclass(frozen=True)
+class _Child:
+    """A trial's logged child run: what deciding whether a record supersedes it needs."""
+
+    run_id: str
+    status: str  # the record's (nova.status)
+    end_ms: int  # the record's finished_at
+
+
 class Tracker:
     """Logs sweeps and trials to one MLflow experiment and reads them back.
 
@@ -331,7 +341,7 @@ class Tracker:
         self.uri = tracking_uri or default_tracking_uri()
         self.experiment_name = experiment_name
         self._parents: dict[str, str] = {}  # sweep id -> parent run id
-        self._logged: dict[str, set[str]] = {}  # parent run id -> trial ids with a complete child
+        self._logged: dict[str, dict[str, _Child]] = {}  # parent run id -> trial id -> its complete child
         self._sweeps: dict[str, SweepInfo] = {}  # sweep id -> its info, where known (names children)
         self._live: set[str] = set()  # sweeps started here and not finished: their parent stays RUNNING
         if _is_http(self.uri):
@@ -455,14 +465,18 @@ class Tracker:
     # -- trials ----------------------------------------------------------------------------------------
 
     def log_trial(self, record: TrialRecord) -> bool:
-        """Log `record` as a child of its sweep's parent run; False when it was already there."""
+        """Log `record` as a child of its sweep's parent run; False when it was already there. A record that
+        supersedes its trial's child (the trial run again after a RERUNNABLE status, `--rerun-failed`, ending
+        later) replaces it: the old child is deleted (MLflow keeps it restorable)."""
         with self._guard(f"logging trial {record.trial_id}"):
             parent = self._require_parent(record.sweep_id)
             logged = self._logged_trials(parent)
-            if record.trial_id in logged:
-                return False
-            self._log_child(parent, record)
-            logged.add(record.trial_id)
+            earlier = logged.get(record.trial_id)
+            if earlier is not None:
+                if earlier.status not in RERUNNABLE or _millis(record.finished_at) <= earlier.end_ms:
+                    return False
+                self._client.delete_run(earlier.run_id)
+            logged[record.trial_id] = self._log_child(parent, record)
             return True
 
     def import_ledger(self, path: str | os.PathLike[str], sweep: SweepInfo | None = None) -> int:
@@ -619,9 +633,9 @@ class Tracker:
     def _children(self, parent_run_id: str) -> list[Run]:
         return self._search(f"tags.`{TAG_PARENT}` = '{parent_run_id}'")
 
-    def _logged_trials(self, parent_run_id: str) -> set[str]:
+    def _logged_trials(self, parent_run_id: str) -> dict[str, _Child]:
         if parent_run_id not in self._logged:
-            logged = set()
+            logged = {}
             for run in self._children(parent_run_id):
                 trial_id = run.data.tags.get(TAG_TRIAL_ID)
                 if trial_id is None:
@@ -629,11 +643,11 @@ class Tracker:
                     # Delete it (MLflow keeps it restorable) so that its trial is logged again whole.
                     self._client.delete_run(run.info.run_id)
                 else:
-                    logged.add(trial_id)
+                    logged[trial_id] = _Child(run.info.run_id, run.data.tags.get(TAG_STATUS, ""), run.info.end_time)
             self._logged[parent_run_id] = logged
         return self._logged[parent_run_id]
 
-    def _log_child(self, parent_run_id: str, record: TrialRecord) -> None:
+    def _log_child(self, parent_run_id: str, record: TrialRecord) -> _Child:
         now = time.time()
         start_ms = _millis(record.started_at or now)
         end_ms = _millis(record.finished_at or now)
@@ -682,6 +696,7 @@ class Tracker:
         self._log_batch(run_id, tags=_tags({TAG_TRIAL_ID: record.trial_id}))
         status = "FAILED" if record.status in _FAILED_STATUSES else "FINISHED"
         self._client.set_terminated(run_id, status=status, end_time=end_ms)
+        return _Child(run_id, record.status, end_ms)
 
     def _child_name(self, record: TrialRecord) -> str:
         """"<arm's short name> · #<repeat>" where the sweep's arm names are known, else "<arm label> #<repeat>".

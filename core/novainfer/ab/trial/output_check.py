@@ -28,7 +28,7 @@ probability).
 
 The report: tokens produced and checked (every output token of every request; one not checked makes the trial
 at best unverified), tokens outside the margin, the worst token (request, output position, its gap, the margin)
-and the check's seconds beside the timed run's.
+and the check's seconds beside the timed run's (of them, building the engines; and the steps it took).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def check_outputs(
         )
         del probe
         floor = LLM(**common, **limits, dtype=dtype, kv_cache_dtype=kv_dtype, backend_options={"precision": "cache"})
+        report.build_seconds = time.perf_counter() - started
         gaps: list[tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor]] = []
         floor_delta = 0.0
         for (rows, want), (floor_rows, got) in zip(
@@ -92,6 +93,7 @@ def check_outputs(
         ):
             if floor_rows != rows:
                 raise RuntimeError("the reference and floor engines scheduled different rows")
+            report.steps += 1
             floor_delta = worse(floor_delta, float((got.float() - want).abs().amax()))
             produced = torch.tensor([sequences[i][p + 1] for i, p in rows], device=want.device)
             top, top_token = want.max(dim=-1)
