@@ -8,7 +8,10 @@ beside the time one read of the weights takes at the device's measured copy band
 table of the CPU time by op of one eager prefill step of the workload. For diagnosis, not for numbers: the
 sweep's trials are the numbers.
 
-    python bench/step_times_gpu.py experiments/kv_layout.toml [native] [--async on|off]
+    python bench/step_times_gpu.py experiments/kv_layout.toml [native] [--async on|off] [--prefix-caching on|off]
+
+By bucket, host work is compared at equal batch sizes: a setting that changes the mix of steps (prefix caching
+lets more sequences decode at once) moves the by-class medians without any step getting dearer.
 
 Each step's host work (schedule, prepare, launch, update: StepStats.host_s) and the share of it that ran while the
 step before was still on the GPU (hidden_s) are printed by class: prefill-carrying steps and decode steps.
@@ -92,9 +95,12 @@ def main() -> None:
     parser.add_argument("experiment", type=Path)
     parser.add_argument("backend", nargs="?", default="native")
     parser.add_argument("--async", dest="overlap", choices=("on", "off"), default="on")
+    parser.add_argument("--prefix-caching", choices=("on", "off"), help="default: the experiment's engine setting")
     args = parser.parse_args()
     experiment = load_experiment(args.experiment)
     settings = {"backend": args.backend, "cuda_graphs": True, "async_scheduling": args.overlap == "on"}
+    if args.prefix_caching is not None:
+        settings["enable_prefix_caching"] = args.prefix_caching == "on"
     llm = LLM(**{**experiment.engine.to_dict(), **settings})
     prompts, lens = experiment.workload.prompts(), experiment.workload.output_lens()
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
