@@ -28,7 +28,8 @@ from unittest import mock
 
 import pytest
 
-from novainfer.ab.sweep.tracking import SweepInfo, Tracker, TrackingError, _retry_races
+from novainfer.ab.sweep.mlflow_store import retry_races
+from novainfer.ab.sweep.tracking import SweepInfo, Tracker, TrackingError
 from novainfer.ab.wire import TrialRecord
 
 # A failing call must end within this; the Tracker bounds it at about 8 s.
@@ -353,7 +354,7 @@ def test_a_write_that_finds_sqlite_locked_is_repeated(tmp_path: Path) -> None:
                 mine.execute("INSERT INTO t VALUES (1)")
             return len(attempts)
 
-        assert _retry_races(write) == 2
+        assert retry_races(write) == 2
     calls = []
 
     def read_missing() -> None:
@@ -362,5 +363,5 @@ def test_a_write_that_finds_sqlite_locked_is_repeated(tmp_path: Path) -> None:
             mine.execute("SELECT * FROM missing")
 
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
-        _retry_races(read_missing)
+        retry_races(read_missing)
     assert len(calls) == 1  # any other error is raised at once

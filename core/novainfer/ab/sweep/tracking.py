@@ -21,38 +21,30 @@ child (the trial run again, `--rerun-failed`, after a status that is no verdict)
 imported lazily, inside `Tracker`, so trial subprocesses (and a runner whose store is down) never need it;
 every store failure surfaces as one `TrackingError` with a one-line message.
 
-Faults cost seconds, not minutes: a call to an HTTP server fails within about 8 s (short timeout, one
-retry), a sqlite store is created by one process at a time (a file lock beside it) and a write that loses
-a race with another process is retried. A sweep that dies leaves its parent RUNNING until `import_ledger`
-(`nova-ab import`, or the next `--resume`) touches it.
+Which store, and reaching it within seconds, is novainfer.ab.sweep.mlflow_store's. A sweep that dies leaves its
+parent RUNNING until `import_ledger` (`nova-ab import`, or the next `--resume`) touches it.
 
 The ledger is the source of truth: records reach MLflow only after they are in the ledger.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import logging
 import os
 import posixpath
-import random
 import re
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.request import pathname2url, url2pathname
 
 from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger, LedgerError
+from novainfer.ab.sweep.mlflow_store import TrackingError, connected, default_tracking_uri, one_line
 from novainfer.ab.sweep.names import trial_name
 from novainfer.ab.wire import GATE_PREFIX, TrialRecord
 
@@ -126,158 +118,6 @@ _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 _BATCH = 100
 
-# Bounds on every call to an HTTP store, read by mlflow/utils/rest_utils.py `http_request` on each call
-# (MLflow's defaults: a 120 s timeout and 7 retries with backoff, about 4 minutes per failing call). One try
-# and one retry of at most 4 s each: a failing call costs at most about 8 s (urllib3 sleeps no backoff before
-# a first retry), and a Retry-After header cannot stretch it.
-_HTTP_TIMEOUT_S = 4
-_HTTP_BOUNDS = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": str(_HTTP_TIMEOUT_S),
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-    "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",
-}
-
-# MLflow's sessions on sqlite wait up to 20 s for another writer's lock (PRAGMA busy_timeout in
-# mlflow/store/db/utils.py), but a store's start-up checks wait only pysqlite's 5 s, SQLite answers at once a
-# write that would deadlock ("database is locked"), and two processes inserting the same row (one workload's
-# dataset) race ("UNIQUE constraint failed"). Such a call was rolled back whole: it is repeated after a
-# randomized, doubling pause (about 5 s in all), and then sees the other writer's work.
-_RACE_MESSAGES = ("database is locked", "UNIQUE constraint failed")
-_RACE_RETRIES = 6
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store is unreachable, broken, or lacks what was asked for (one-line message)."""
-
-
-def default_tracking_uri(cwd: str | os.PathLike[str] | None = None) -> str:
-    """The store `mlflow ui` (with no flags) opens when started in `cwd` (default: the current directory).
-
-    What MLflow 3.17 does (mlflow/tracking/_tracking_service/utils.py `get_tracking_uri` and
-    `_get_default_tracking_uri`, mlflow/cli `server`, of which `ui` is an alias): with no
-    MLFLOW_TRACKING_URI, the client and the server both default to `sqlite:///mlflow.db` in the working
-    directory, except when `./mlruns` already holds a file store (a numeric experiment directory with a
-    meta.yaml), where both keep using that file store. We follow the same rule, and make the path
-    absolute as `mlflow.get_tracking_uri()` does, so subprocesses that change directory still agree.
-    MLFLOW_TRACKING_URI, when set, wins, as it does for the MLflow client.
-    """
-    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
-        return uri
-    base = os.path.abspath(cwd if cwd is not None else os.getcwd())
-    mlruns = Path(base, "mlruns")
-    if _holds_file_store(mlruns):
-        return mlruns.as_uri()
-    return "sqlite:///" + posixpath.abspath(pathname2url(os.path.join(base, "mlflow.db")))
-
-
-def _holds_file_store(mlruns: Path) -> bool:
-    try:
-        return any(d.is_dir() and d.name.isdigit() and (d / "meta.yaml").exists() for d in mlruns.iterdir())
-    except OSError:
-        return False
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def _probe_http(uri: str, timeout_s: float = _HTTP_TIMEOUT_S) -> None:
-    """Fail fast when an HTTP tracking server cannot serve: no answer in time, or a server error (5xx).
-
-    A client error (401, 403, 404: auth, a proxy without /health) means the server is there; MLflow's own
-    handling then applies.
-    """
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise TrackingError(f"MLflow at {uri}: server unreachable: HTTP {exc.code} {exc.reason}") from exc
-    except OSError as exc:  # URLError, timeouts, resets
-        raise TrackingError(f"MLflow at {uri}: server unreachable: {_one_line(exc)}") from exc
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a sqlite URI; None for other stores and in-memory databases."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url  # MLflow's own dependency; it unquotes the path as MLflow will
-
-    database = make_url(uri).database
-    return Path(database) if database and database != ":memory:" else None
-
-
-def _file_store_dir(uri: str) -> Path | None:
-    """The directory of a file store URI (file:// or a plain path); None for other stores."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    return Path(uri) if parsed.scheme == "" else None
-
-
-def _require_store(uri: str) -> None:
-    """Raise unless a local store is already there: connecting to a missing one would create it."""
-    if (db := _sqlite_file(uri)) is not None:
-        if not db.is_file() or db.stat().st_size == 0:
-            raise TrackingError(f"no MLflow store at {db}")
-    elif (directory := _file_store_dir(uri)) is not None and not _holds_file_store(directory):
-        raise TrackingError(f"no MLflow store at {directory}")
-
-
-@contextmanager
-def _store_lock(db: Path | None, create: bool) -> Iterator[None]:
-    """Hold an exclusive lock on `<db>.lock` beside a sqlite store, so that one process at a time connects first.
-
-    MLflow creates and migrates a sqlite schema when a process first connects; two processes doing it at
-    once corrupt the store. The lock file is never removed (removing it would let a third process lock a new
-    file while the second still holds the old one). Read-only access (`create` False) creates no lock file:
-    it locks one that a writer left, else goes on unlocked.
-    """
-    if db is None:
-        yield
-        return
-    lock_path = db.with_name(db.name + ".lock")
-    if create:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    else:
-        try:
-            fd = os.open(lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            yield
-            return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _retry_races(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call(*args, **kwargs)`, repeated while it loses a race with another sqlite writer (see _RACE_MESSAGES)."""
-    for attempt in range(_RACE_RETRIES):
-        try:
-            return call(*args, **kwargs)
-        except Exception as exc:
-            if not any(message in str(exc) for message in _RACE_MESSAGES):
-                raise
-            time.sleep(random.uniform(0.05, 0.1) * 2**attempt)
-    return call(*args, **kwargs)
-
-
-class _RaceRetryingClient:
-    """An MlflowClient on a sqlite store whose every call goes through `_retry_races`."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._client, name)
-        if not callable(attribute):
-            return attribute
-        return lambda *args, **kwargs: _retry_races(attribute, *args, **kwargs)
-
 
 @dataclass
 class SweepInfo:
@@ -344,23 +184,9 @@ class Tracker:
         self._logged: dict[str, dict[str, _Child]] = {}  # parent run id -> trial id -> its complete child
         self._sweeps: dict[str, SweepInfo] = {}  # sweep id -> its info, where known (names children)
         self._live: set[str] = set()  # sweeps started here and not finished: their parent stays RUNNING
-        if _is_http(self.uri):
-            # Process-wide, as MLflow reads them; a value the user set wins.
-            for name, value in _HTTP_BOUNDS.items():
-                os.environ.setdefault(name, value)
-            _probe_http(self.uri)
-        with self._guard("connecting"):
-            if not create:
-                _require_store(self.uri)
-            db = _sqlite_file(self.uri)
-            with _store_lock(db, create), _quiet("mlflow.store.db.utils"):
-                from mlflow import MlflowClient
-
-                if db is None:
-                    self._client: Any = MlflowClient(tracking_uri=self.uri)
-                else:
-                    self._client = _RaceRetryingClient(_retry_races(MlflowClient, tracking_uri=self.uri))
-                self._experiment_id = self._get_experiment(artifact_location, create)
+        with self._guard("connecting"), connected(self.uri, create) as client:
+            self._client: Any = client
+            self._experiment_id = self._get_experiment(artifact_location, create)
 
     # -- sweeps ----------------------------------------------------------------------------------------
 
@@ -595,7 +421,7 @@ class Tracker:
             raise
         # Broad on purpose: DB, HTTP, disk and MLflow errors all mean "the store is unusable now".
         except Exception as exc:
-            raise TrackingError(f"MLflow at {self.uri}: {action} failed: {_one_line(exc)}") from exc
+            raise TrackingError(f"MLflow at {self.uri}: {action} failed: {one_line(exc)}") from exc
 
     def _search(self, filter_string: str) -> list[Run]:
         runs: list[Run] = []
@@ -856,23 +682,3 @@ def _no_progress_bars() -> Iterator[None]:
         yield
     finally:
         del os.environ[name]
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Only warnings and errors from an MLflow logger within the block: creating a sqlite store would print
-    two INFO lines ("Creating initial MLflow database tables...") into a sweep's output."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    text = text if len(text) <= 200 else text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
