@@ -247,6 +247,7 @@ def allowed_error(bar: float, floor_margin: float, floor_err: float) -> float:
     same step where that is larger; NaN (nothing passes) when the honest one's error is NaN."""
     return math.nan if math.isnan(floor_err) else max(bar, floor_margin * floor_err)
 
+
 # The conformance steps: (name, sequences as (cached, new)). Ragged lengths, every kind a served step has.
 CONFORMANCE_STEPS: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
     ("prefill", ((0, 37), (0, 5), (0, 64))),

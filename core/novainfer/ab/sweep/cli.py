@@ -151,10 +151,10 @@ def _chosen_arm(wanted: str, names: dict[str, str]) -> str:
 def _where_to_see(uri: str, name: str, route: str) -> str:
     """The sweep's link on a tracking server, or the command that serves a local store and prints the link."""
     from novainfer.ab.sweep import commands
-    from novainfer.ab.sweep.tracking import default_tracking_uri
+    from novainfer.ab.sweep.mlflow_store import default_tracking_uri, is_http
     from novainfer.ab.sweep.ui import link
 
-    if uri.startswith(("http://", "https://")):
+    if is_http(uri):
         return f"in MLflow: {link(uri, route)}"
     command = f"{commands.nova_ab()} ui"
     if uri != default_tracking_uri():
@@ -164,6 +164,7 @@ def _where_to_see(uri: str, name: str, route: str) -> str:
 
 def _ui(args: argparse.Namespace) -> int:
     """MLflow's UI on the store, and the link to a sweep's comparison in it (novainfer.ab.sweep.ui)."""
+    from novainfer.ab.sweep.mlflow_store import is_http
     from novainfer.ab.sweep.tracking import Tracker, TrackingError
     from novainfer.ab.sweep.ui import link, serve
 
@@ -172,7 +173,7 @@ def _ui(args: argparse.Namespace) -> int:
         name, _, route = tracker.sweep_link(args.sweep)
     except TrackingError as error:
         raise UsageError(str(error)) from error
-    if tracker.uri.startswith(("http://", "https://")):  # a server the user named: it serves the UI already
+    if is_http(tracker.uri):  # a server the user named: it serves the UI already
         print(f"sweep {name}: {link(tracker.uri, route)}")
         return 0
     return serve(tracker.uri, name, route, args.host, args.port)

@@ -76,7 +76,8 @@ def _holds_file_store(mlruns: Path) -> bool:
         return False
 
 
-def _is_http(uri: str) -> bool:
+def is_http(uri: str) -> bool:
+    """Whether `uri` names a tracking server (whose own UI and links serve it), not a local store."""
     return uri.startswith(("http://", "https://"))
 
 
@@ -182,7 +183,7 @@ def connected(uri: str, create: bool) -> Iterator[Any]:
     held), so that what the caller makes in it first (an experiment) is made once. With `create` False a local
     store that is not there is a TrackingError, and nothing is created. An HTTP store's calls are bounded first
     (process-wide, as MLflow reads them; a value the user set wins), and a server that cannot serve fails here."""
-    if _is_http(uri):
+    if is_http(uri):
         for name, value in _HTTP_BOUNDS.items():
             os.environ.setdefault(name, value)
         _probe_http(uri)

@@ -26,6 +26,7 @@ from novainfer.ab.sweep.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.sweep.experiment import Experiment, ExperimentError, TrialSpec
 from novainfer.ab.sweep.interrupts import interrupts_kept
 from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger
+from novainfer.ab.sweep.mlflow_store import is_http
 from novainfer.ab.sweep.names import arm_names, sweep_name, trial_name
 from novainfer.ab.sweep.outcome import outcome
 from novainfer.ab.sweep.report import console as comparison_console
@@ -218,7 +219,7 @@ def run_sweep(
 def _open_hint(uri: str, view: str) -> str:
     """Where to see the sweep: a tracking server's own link, or the command that serves the local store and
     prints the link with the address it really has (novainfer.ab.sweep.ui)."""
-    if uri.startswith(("http://", "https://")):
+    if is_http(uri):
         return f"this sweep's comparison: {uri.rstrip('/')}/{view}"
     command = commands.nova_ab() + " ui"
     if uri != default_tracking_uri():
