@@ -189,12 +189,73 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_sweep(tmp_pat
     assert [p.info.status for p in parents] == ["KILLED"]
 
 
+class _CtrlCInTheFirstCommit(LocalSubprocessExecutor):
+    """The local executor; after its first trial, a Ctrl-C lands inside the next sqlite COMMIT in this process:
+    the middle of the MLflow transaction that logs that trial, its write lock taken."""
+
+    fired = False
+
+    def run_trial(self, request: TrialRequest, timeout_s: float, on_progress: ProgressCallback) -> TrialRecord:
+        record = super().run_trial(request, timeout_s, on_progress)
+        if request.repeat == 0:
+            sys.setprofile(self._interrupt_the_next_commit)
+        return record
+
+    def _interrupt_the_next_commit(self, frame, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name == "_commit_impl":  # SQLAlchemy's Connection commit
+            sys.setprofile(None)
+            type(self).fired = True
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_ctrl_c_inside_an_mlflow_write_waits_for_it(tmp_path: Path, monkeypatch) -> None:
+    """Interrupted halfway, the transaction kept sqlite's lock and marking the sweep KILLED hung on "database is
+    locked" (CI): held back, the Ctrl-C stops the sweep once the trial is logged whole."""
+    exp = write_experiment(tmp_path / "held.toml", ["native"], 2, 120)
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(exp)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
+    try:
+        with pytest.raises(SweepInterrupted) as stopped:
+            run_sweep(
+                experiment, plan_trials(experiment, 0), check_arms(experiment), order_seed=0,
+                executor=_CtrlCInTheFirstCommit(tmp_path / "logs"),
+            )
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGINT, previous)
+    assert _CtrlCInTheFirstCommit.fired, "no sqlite commit was interrupted: the test tested nothing"
+    assert "1 of 2 trials are in the ledger" in str(stopped.value)
+    (record,) = ledger_records(tmp_path)
+    parents, children = runs(tmp_path, "nova-ab")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    (child,) = children
+    assert child.info.status == "FINISHED"
+    assert child.data.metrics == pytest.approx(record["metrics"])
+
+
+def test_a_held_ctrl_c_is_raised_when_the_block_ends_and_a_second_one_at_once() -> None:
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
+    finished = []
+    try:
+        with interrupts_kept() as interrupts:
+            with pytest.raises(KeyboardInterrupt), interrupts.held():
+                signal.raise_signal(signal.SIGINT)
+                finished.append("the write")  # ran to its end: the interrupt waited
+            with pytest.raises(KeyboardInterrupt), interrupts.held():
+                signal.raise_signal(signal.SIGINT)  # the user presses again: no more waiting
+                finished.append("never")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert finished == ["the write"]
+
+
 def test_interrupts_kept_leaves_a_sigint_the_shell_ignores_ignored() -> None:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with interrupts_kept() as check:
+        with interrupts_kept() as interrupts:
             signal.raise_signal(signal.SIGINT)
-            check()  # nothing arrived: an ignored SIGINT stays ignored
+            interrupts.check()  # nothing arrived: an ignored SIGINT stays ignored
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from novainfer.ab.sweep import commands
 from novainfer.ab.sweep.arm_checks import ArmsHere, check_runnable
 from novainfer.ab.sweep.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.sweep.experiment import Experiment, ExperimentError, TrialSpec
-from novainfer.ab.sweep.interrupts import interrupts_kept
+from novainfer.ab.sweep.interrupts import KeptInterrupts, interrupts_kept
 from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger
 from novainfer.ab.sweep.mlflow_store import is_http
 from novainfer.ab.sweep.names import arm_names, sweep_name, trial_name
@@ -165,10 +164,8 @@ def run_sweep(
     console.print(f"sweep [bold]{info.name}[/]: {len(todo)} of {len(trials)} trials to run; ledger {ledger.path}")
     try:
         skipped = here.skipped if experiment.sweep.executor == "local" else {}
-        with interrupts_kept() as stop_if_interrupted:
-            tracker = _run_trials(
-                experiment, todo, skipped, info, executor, ledger, tracker, console, stop_if_interrupted
-            )
+        with interrupts_kept() as interrupts:
+            tracker = _run_trials(experiment, todo, skipped, info, executor, ledger, tracker, console, interrupts)
     except KeyboardInterrupt:
         if tracker is not None:
             _end(tracker, run_id, "KILLED", console)
@@ -236,11 +233,12 @@ def _run_trials(
     ledger: Ledger,
     tracker: Tracker | None,
     console: Console,
-    stop_if_interrupted: Callable[[], None],
+    interrupts: KeptInterrupts,
 ) -> Tracker | None:
     """Each trial through the executor (the arms in `skipped` recorded at once, with why), into the ledger, then
     to MLflow; returns the tracker, or None once the store has failed. After each record, a Ctrl-C that Python
-    dropped on the way (novainfer.ab.sweep.interrupts) stops the sweep there."""
+    dropped on the way or that arrived while the record was written (novainfer.ab.sweep.interrupts) stops the
+    sweep there."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
@@ -256,13 +254,13 @@ def _run_trials(
 
         def on_record(record: TrialRecord) -> None:
             nonlocal tracker
-            ledger.append(record)  # durable before anything else may fail
-            progress.console.print(_one_line(record, info.arm_names))
-            if tracker is not None:
-                tracker = _log(tracker, record, console)
-            progress.advance(overall)
-            progress.update(tokens, visible=False)
-            stop_if_interrupted()
+            with interrupts.held():  # a Ctrl-C here stops the sweep once the record is in both, whole
+                ledger.append(record)  # durable before anything else may fail
+                progress.console.print(_one_line(record, info.arm_names))
+                if tracker is not None:
+                    tracker = _log(tracker, record, console)
+                progress.advance(overall)
+                progress.update(tokens, visible=False)
 
         requests = [trial_request(experiment, info.sweep_id, trial) for trial in todo]
         for request in requests:
