@@ -94,7 +94,7 @@ MALFORMED: dict[str, BadFile] = {
     "zero_repeats": BadFile(variant("repeats = 2", "repeats = 0"), "sweep.repeats", "must be >= 1, got 0"),
 }
 
-SHIPPED = ("smoke.toml", "grid.toml", "headline.toml", "serving_smoke.toml", "serving.toml")
+SHIPPED = ("smoke.toml", "grid.toml", "headline.toml", "serving_smoke.toml", "serving.toml", "ray_x2.toml")
 
 
 class CliRun(NamedTuple):

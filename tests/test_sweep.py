@@ -151,7 +151,7 @@ def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> No
     assert dataset.dataset.name == "smoke" and '"num_seqs": 8' in dataset.dataset.source
     # A local store has no server yet: the sweep names the command that starts one and prints the link.
     hint = next(line for line in result.stdout.splitlines() if "starts MLflow's UI" in line)
-    assert "novainfer.ab.sweep.cli ui` (it starts MLflow's UI and prints the link)" in hint
+    assert f"novainfer.ab.sweep.cli ui '{parent.info.run_name}'` (it starts MLflow's UI and prints the link)" in hint
     assert [line for line in result.stdout.splitlines() if "bt=64 · #0" in line]  # trial lines by the arm's name
     experiment = client(tmp_path).get_experiment_by_name("nova-ab")
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
@@ -164,7 +164,7 @@ def test_smoke_sweep_logs_a_parent_and_one_child_per_trial(tmp_path: Path) -> No
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert "max_num_batched_tokens=512" in compared.stdout
     assert compared.stdout.startswith(f"sweep {parent.info.run_name} (sqlite:")  # which sweep it shows
-    assert f"ui '{parent.info.run_name}'` prints its link" in compared.stdout.splitlines()[0]
+    assert f"ui '{parent.info.run_name}'` (it starts MLflow's UI" in compared.stdout.splitlines()[0]
 
 
 def test_faulty_backends_are_recorded_and_the_sweep_goes_on(tmp_path: Path, faulty_site: Path) -> None:

@@ -111,6 +111,7 @@ def _compare(args: argparse.Namespace) -> int:
     from novainfer.ab.sweep.serving_stats import is_online
     from novainfer.ab.sweep.statistics import gpu_blocks, summarize
     from novainfer.ab.sweep.tracking import Tracker, TrackingError
+    from novainfer.ab.sweep.ui import where_to_see
 
     try:
         tracker = Tracker(args.tracking_uri, args.experiment, create=False)
@@ -125,7 +126,7 @@ def _compare(args: argparse.Namespace) -> int:
     if is_online(records):  # an online sweep: latency under load, rate by rate
         return _compare_online(args, records, baseline, name)
     if args.format == "table":
-        where = _where_to_see(tracker.uri, name, route)
+        where = where_to_see(tracker.uri, name, route)
         print(f"sweep {name} ({tracker.uri}, experiment {args.experiment!r}); {where}")
         console().print(render_table(summaries, names))
         blocks = gpu_blocks(records)
@@ -146,20 +147,6 @@ def _chosen_arm(wanted: str, names: dict[str, str]) -> str:
         if wanted in (name, label):
             return label
     raise UsageError(f"--baseline: the sweep has no arm {wanted!r}; its arms: {', '.join(names.values())}")
-
-
-def _where_to_see(uri: str, name: str, route: str) -> str:
-    """The sweep's link on a tracking server, or the command that serves a local store and prints the link."""
-    from novainfer.ab.sweep import commands
-    from novainfer.ab.sweep.mlflow_store import default_tracking_uri, is_http
-    from novainfer.ab.sweep.ui import link
-
-    if is_http(uri):
-        return f"in MLflow: {link(uri, route)}"
-    command = f"{commands.nova_ab()} ui"
-    if uri != default_tracking_uri():
-        command += f" {commands.join('--tracking-uri', uri)}"
-    return f"in MLflow: `{command} {commands.join(name)}` prints its link"
 
 
 def _ui(args: argparse.Namespace) -> int:

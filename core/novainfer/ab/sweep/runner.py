@@ -25,7 +25,6 @@ from novainfer.ab.sweep.executor import Executor, LocalSubprocessExecutor
 from novainfer.ab.sweep.experiment import Experiment, ExperimentError, TrialSpec
 from novainfer.ab.sweep.interrupts import KeptInterrupts, interrupts_kept
 from novainfer.ab.sweep.ledger import RERUNNABLE, Ledger
-from novainfer.ab.sweep.mlflow_store import is_http
 from novainfer.ab.sweep.names import arm_names, sweep_name, trial_name
 from novainfer.ab.sweep.outcome import outcome
 from novainfer.ab.sweep.report import console as comparison_console
@@ -33,6 +32,7 @@ from novainfer.ab.sweep.report import markdown, plot, render_table, summary_metr
 from novainfer.ab.sweep.serving_report import online_report
 from novainfer.ab.sweep.statistics import summarize
 from novainfer.ab.sweep.tracking import SweepInfo, Tracker, TrackingError, default_tracking_uri
+from novainfer.ab.sweep.ui import where_to_see
 from novainfer.ab.wire import GateSettings, TrialRecord, TrialRequest, new_record
 
 SWEEPS_DIR = ".nova-ab"
@@ -206,22 +206,11 @@ def run_sweep(
             soft_wrap=True,
         )
     else:
-        console.print(f"MLflow: {uri} (experiment {experiment.mlflow.experiment!r}); {_open_hint(uri, view)}",
-                      soft_wrap=True)
+        where = where_to_see(uri, info.name, view)
+        console.print(f"MLflow: {uri} (experiment {experiment.mlflow.experiment!r}); {where}", soft_wrap=True)
     if ended.words:
         console.print(f"[yellow]exit {ended.exit_code}: {ended.words}[/]", soft_wrap=True)
     return ended.exit_code
-
-
-def _open_hint(uri: str, view: str) -> str:
-    """Where to see the sweep: a tracking server's own link, or the command that serves the local store and
-    prints the link with the address it really has (novainfer.ab.sweep.ui)."""
-    if is_http(uri):
-        return f"this sweep's comparison: {uri.rstrip('/')}/{view}"
-    command = commands.nova_ab() + " ui"
-    if uri != default_tracking_uri():
-        command += f" {commands.join('--tracking-uri', uri)}"
-    return f"to see this sweep's comparison, run `{command}` (it starts MLflow's UI and prints the link)"
 
 
 def _run_trials(

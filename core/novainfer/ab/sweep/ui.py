@@ -31,6 +31,20 @@ def link(base: str, route: str) -> str:
     return f"{base.rstrip('/')}/{route}"
 
 
+def where_to_see(uri: str, sweep: str, route: str) -> str:
+    """Where to see a sweep's comparison: its link on a tracking server, or the `nova-ab ui` command that serves a
+    local store and prints the link (with the port it really binds, known only once it listens)."""
+    from novainfer.ab.sweep.mlflow_store import default_tracking_uri, is_http
+
+    if is_http(uri):
+        return f"this sweep's comparison: {link(uri, route)}"
+    command = f"{commands.nova_ab()} ui"
+    if uri != default_tracking_uri():
+        command += f" {commands.join('--tracking-uri', uri)}"
+    return f"to see this sweep's comparison, run `{command} {commands.join(sweep)}` (it starts MLflow's UI and " \
+        "prints the link)"
+
+
 def free_port(host: str, start: int = DEFAULT_PORT, tries: int = PORTS_TRIED) -> int:
     """The first port from `start` nothing listens on at `host` (what `mlflow ui` will then bind)."""
     for port in range(start, start + tries):
