@@ -151,6 +151,22 @@ def test_ctrl_c_ends_with_one_line_and_the_resume_command(tmp_path: Path) -> Non
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 4
 
 
+def _interrupted_sweep(tmp_path: Path, monkeypatch, executor: LocalSubprocessExecutor) -> SweepInterrupted:
+    """A sweep of 2 native trials through `executor`, in-process with SIGINT handled as at a terminal (see the
+    test above), which must end interrupted; returns how."""
+    exp = write_experiment(tmp_path / "interrupted.toml", ["native"], 2, 120)
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(exp)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SweepInterrupted) as stopped:
+            run_sweep(experiment, plan_trials(experiment, 0), check_arms(experiment), order_seed=0, executor=executor)
+    finally:
+        sys.setprofile(None)  # a profiler an executor set and the interrupt left behind
+        signal.signal(signal.SIGINT, previous)
+    return stopped.value
+
+
 class _InterruptedInAFinalizer:
     """Ctrl-C landing while Python runs this object's finalizer: Python prints "Exception ignored in ..." and
     drops the KeyboardInterrupt, as it does for any finalizer (an MLflow session's, a Popen's) the signal hits."""
@@ -171,19 +187,8 @@ class _DroppingExecutor(LocalSubprocessExecutor):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop itself, expected
 def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_sweep(tmp_path: Path, monkeypatch) -> None:
-    exp = write_experiment(tmp_path / "dropped.toml", ["native"], 2, 120)
-    monkeypatch.chdir(tmp_path)
-    experiment = load_experiment(exp)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (see the test above)
-    try:
-        with pytest.raises(SweepInterrupted) as stopped:
-            run_sweep(
-                experiment, plan_trials(experiment, 0), check_arms(experiment), order_seed=0,
-                executor=_DroppingExecutor(tmp_path / "logs"),
-            )
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert "1 of 2 trials are in the ledger" in str(stopped.value)
+    stopped = _interrupted_sweep(tmp_path, monkeypatch, _DroppingExecutor(tmp_path / "logs"))
+    assert "1 of 2 trials are in the ledger" in str(stopped)
     assert [r["trial_id"] for r in ledger_records(tmp_path)] == ["backend=native#0"]
     parents, _ = runs(tmp_path, "nova-ab")
     assert [p.info.status for p in parents] == ["KILLED"]
@@ -211,21 +216,9 @@ class _CtrlCInTheFirstCommit(LocalSubprocessExecutor):
 def test_a_ctrl_c_inside_an_mlflow_write_waits_for_it(tmp_path: Path, monkeypatch) -> None:
     """Interrupted halfway, the transaction kept sqlite's lock and marking the sweep KILLED hung on "database is
     locked" (CI): held back, the Ctrl-C stops the sweep once the trial is logged whole."""
-    exp = write_experiment(tmp_path / "held.toml", ["native"], 2, 120)
-    monkeypatch.chdir(tmp_path)
-    experiment = load_experiment(exp)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
-    try:
-        with pytest.raises(SweepInterrupted) as stopped:
-            run_sweep(
-                experiment, plan_trials(experiment, 0), check_arms(experiment), order_seed=0,
-                executor=_CtrlCInTheFirstCommit(tmp_path / "logs"),
-            )
-    finally:
-        sys.setprofile(None)
-        signal.signal(signal.SIGINT, previous)
+    stopped = _interrupted_sweep(tmp_path, monkeypatch, _CtrlCInTheFirstCommit(tmp_path / "logs"))
     assert _CtrlCInTheFirstCommit.fired, "no sqlite commit was interrupted: the test tested nothing"
-    assert "1 of 2 trials are in the ledger" in str(stopped.value)
+    assert "1 of 2 trials are in the ledger" in str(stopped)
     (record,) = ledger_records(tmp_path)
     parents, children = runs(tmp_path, "nova-ab")
     assert [p.info.status for p in parents] == ["KILLED"]
