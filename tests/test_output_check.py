@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from novainfer import LLM, SamplingParams
 from novainfer.ab.trial.output_check import check_outputs
@@ -17,6 +18,7 @@ from novainfer.ab.wire import OutputCheck
 from novainfer.ab.workload import Workload
 from novainfer.backend_api import CONTRACT_VERSION, BackendError, BackendSpec, Capabilities, hookimpl
 from novainfer.config import EngineConfig
+from novainfer.models.qwen2 import build_model, in_dtype
 from novainfer.plugins import discover_backends, select_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +113,18 @@ def test_the_core_reference_needs_no_plugin_and_no_plugin_may_take_its_name() ->
 
     with pytest.raises(BackendError, match="registered twice"):
         discover_backends([Impostor()])
+
+
+def test_the_floor_casts_the_reference_weights_to_those_the_arm_draws() -> None:
+    """The floor shares the reference's weights cast to the arm's dtype instead of drawing them again: the same
+    tensors, bit for bit, the tied embedding and head still one, the rotary tables (buffers) left in float32."""
+    preset, cpu = "random:qwen2-tiny-wide", torch.device("cpu")
+    fp32 = build_model(preset, 0, torch.float32, cpu, 64)
+    cast, drawn = in_dtype(fp32, torch.bfloat16), build_model(preset, 0, torch.bfloat16, cpu, 64)
+    assert in_dtype(fp32, torch.float32) is fp32 and next(fp32.parameters()).dtype == torch.float32
+    for kind in ("named_parameters", "named_buffers"):
+        ours, theirs = dict(getattr(cast, kind)()), dict(getattr(drawn, kind)())
+        assert ours.keys() == theirs.keys() and theirs, kind
+        for name, tensor in theirs.items():
+            assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+    assert cast.lm_head.weight is cast.embed_tokens.weight  # the preset ties them

@@ -47,6 +47,7 @@ from novainfer.ab.trial.gate import is_worse, worse
 from novainfer.ab.wire import OutputCheck
 from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
+from novainfer.models.qwen2 import in_dtype
 
 # Logits of at most this many elements (float32) are held at once per engine: bounds the check's memory.
 _LOGITS_ELEMENTS = 1 << 27
@@ -65,7 +66,8 @@ def check_outputs(
         report.seconds = time.perf_counter() - started
         return report
     device = resolve_device(config.device)
-    dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+    arm_dtype = resolve_dtype(config.dtype, device)
+    dtype = str(arm_dtype).removeprefix("torch.")
     kv_dtype = dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
     longest = max(len(s) for s in sequences)
     common = dict(
@@ -84,7 +86,10 @@ def check_outputs(
             backend_options={"precision": "float64"},
         )
         del probe
-        floor = LLM(**common, **limits, dtype=dtype, kv_cache_dtype=kv_dtype, backend_options={"precision": "cache"})
+        floor = LLM(
+            **common, **limits, dtype=dtype, kv_cache_dtype=kv_dtype, backend_options={"precision": "cache"},
+            shared_model=in_dtype(reference.model, arm_dtype),  # the arm's weights, not drawn again
+        )
         report.build_seconds = time.perf_counter() - started
         gaps: list[tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor]] = []
         floor_delta = 0.0
