@@ -8,6 +8,7 @@
 # Each part's sweep runs within LIMIT seconds (default 540). The driver's wall time of each run goes to
 # .nova-ab/walls.txt; `python3 bench/ray_x2_report.py` reads it with the ledgers (here or at home).
 # EXP names another experiment file (a CPU caliber rehearses the script on a CPU machine: GPUS=0).
+export NOVA_WHEELS=${NOVA_WHEELS:-.whl .ray}
 source bench/gpu_setup.sh
 exp=${EXP:-experiments/ray_x2.toml}
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0  # a cluster on loopback, for one call
@@ -24,7 +25,7 @@ timed_sweep() {
     started=$EPOCHREALTIME
     timeout "${LIMIT:-540}" python3 -m novainfer.ab.sweep.cli sweep "$file" "$@" > $OUT/$what.txt 2>&1
     rc=$?
-    latest=$(ls -td .nova-ab/*/ | head -1)
+    latest=$(dirname "$(ls -t .nova-ab/*/ledger.jsonl | head -1)")  # the sweep that just wrote its ledger
     echo "$(basename "$latest") $(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $started }") $rc $what" | tee -a .nova-ab/walls.txt
     tail -25 $OUT/$what.txt
 }
@@ -38,13 +39,11 @@ start_head() {
 
 for part in ${PARTS:-ray kill}; do
     case $part in
-        ray)  # the head's start is part of what the Ray sweep costs
-            started=$EPOCHREALTIME
-            start_head
-            echo "ray head started in $(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $started }") s" | tee -a $OUT/ray.txt
+        ray)  # no RAY_ADDRESS: the driver starts Ray on this machine's GPUs and stops it, within its wall time
+            unset RAY_ADDRESS
             timed_sweep ray "$exp" --executor ray ${RESUME:+--resume} ;;
-        kill)  # a short caliber of the same arms: killed after its first record, resumed, on the same cluster
-            [ -n "$RAY_ADDRESS" ] || start_head
+        kill)  # a short caliber of the same arms on a cluster of its own, which outlives the killed driver
+            start_head
             sed -e 's/^name = "ray_x2"/name = "ray_x2_kill"/' -e 's/^num_seqs = .*/num_seqs = 32/' \
                 -e 's/^output_len = .*/output_len = [16, 64]/' "$exp" > experiments/gpu_ray_kill.toml
             python3 -m novainfer.ab.sweep.cli sweep experiments/gpu_ray_kill.toml --executor ray > $OUT/kill.txt 2>&1 &
