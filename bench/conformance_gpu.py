@@ -22,6 +22,7 @@ allowed" is the worst step's error over what that step allowed (<= 1 passes).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 import traceback
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from novainfer.ab.trial.gate import worse
 from novainfer.backend_api import BackendError
 from novainfer.testing import check_backend
 
@@ -67,10 +69,10 @@ def conformance(backend: str, cache: str, block_size: int, graphs: bool, model: 
         traceback.print_exc()
         result.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:100]
         return result
-    ratios = [row.max_rel_err / report.allowed(row) for row in report.rows]
-    result.worst = max(row.max_rel_err for row in report.rows)
-    result.floor = max(row.floor_rel_err for row in report.rows)
-    result.ratio = math.nan if any(map(math.isnan, ratios)) else max(ratios)
+    # NaN is the worst of all (gate.worse): Python's max() would show a number past a NaN row.
+    result.worst = functools.reduce(worse, (row.max_rel_err for row in report.rows))
+    result.floor = functools.reduce(worse, (row.floor_rel_err for row in report.rows))
+    result.ratio = functools.reduce(worse, (row.max_rel_err / report.allowed(row) for row in report.rows))
     failed = report.failures()
     result.steps = f"{len(report.rows) - len(failed)}/{len(report.rows)}"
     result.note = f"{sum(row.graphs for row in report.rows)} replayed in graphs" if graphs else ""
