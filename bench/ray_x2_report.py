@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -38,10 +39,11 @@ def main() -> None:
         info = json.loads((directory / "sweep.json").read_text())
         ledger = Ledger(directory / "ledger.jsonl")
         records = ledger.records()
-        lines = Counter(json.loads(line)["trial_id"] for line in ledger.path.read_text().splitlines() if line.strip())
+        lines = Counter(record.trial_id for record in ledger.history())
         planned = len(info["arm_names"]) * int(info["params"]["sweep.repeats"])
-        what = ", ".join(sorted({what for _, _, what in runs}))
-        out.print(f"\n[bold]{sweep}[/] ({what}): driver {sum(s for s, _, _ in runs):.1f} s over {len(runs)} run(s), "
+        parts = sorted({part for _, _, part in runs})
+        driver = sum(seconds for seconds, _, _ in runs)
+        out.print(f"\n[bold]{sweep}[/] ({', '.join(parts)}): driver {driver:.1f} s over {len(runs)} run(s), "
                   f"exit codes {[rc for _, rc, _ in runs]}")
         doubled = sorted(trial for trial, n in lines.items() if n > 1) or "none"
         mlflow = f", MLflow children {_children(args.tracking_uri, info['sweep_id'])}" if args.tracking_uri else ""
@@ -54,9 +56,9 @@ def main() -> None:
                       f"ray GPU {tags.get('ray_gpu_ids', '-')}  {_trial_seconds(record):.0f} s")
         _by_gpu(out, records)
         out.print(render_table(summarize(records, info["baseline_arm"]), info["arm_names"]))
-        if "ray" in what and "kill" not in sweep:
-            ray_wall = sum(s for s, _, _ in runs)
-        if "local" in what:
+        if "ray" in parts:
+            ray_wall = driver
+        if "local" in parts:
             local_time = sum(_trial_seconds(r) for r in records)
     if ray_wall and local_time:
         out.print(f"\nwall: Ray on every GPU {ray_wall:.0f} s, local on one GPU {local_time:.0f} s (its trials' own "
@@ -84,7 +86,7 @@ def _by_gpu(out: Console, records: list[TrialRecord]) -> None:
         if "output_tok_s" in record.metrics:
             speeds[record.tags.get("gpu_uuid", "?")][record.arm].append(record.metrics["output_tok_s"])
     for gpu, arms in sorted(speeds.items()):
-        cells = ", ".join(f"{arm} {sorted(v)[len(v) // 2]:,.0f} (n={len(v)})" for arm, v in sorted(arms.items()))
+        cells = ", ".join(f"{arm} {statistics.median(v):,.0f} (n={len(v)})" for arm, v in sorted(arms.items()))
         out.print(f"  GPU {gpu[:12]}: {cells}")
 
 

@@ -247,10 +247,7 @@ def build_model(
         init_random(net, seed)
     else:
         load_checkpoint(net, Path(model))
-    # Only parameters take the model dtype: the rotary tables (buffers) stay float32.
-    for param in net.parameters():
-        param.data = param.data.to(dtype)
-    return net.to(device).eval().requires_grad_(False)
+    return _cast_parameters(net, dtype).to(device).eval().requires_grad_(False)
 
 
 def in_dtype(model: Qwen2ForCausalLM, dtype: torch.dtype) -> Qwen2ForCausalLM:
@@ -259,7 +256,12 @@ def in_dtype(model: Qwen2ForCausalLM, dtype: torch.dtype) -> Qwen2ForCausalLM:
     weights take ~5 s of host time to draw)."""
     if next(model.parameters()).dtype == dtype:
         return model
-    twin = copy.deepcopy(model)  # tied parameters stay one parameter
-    for param in twin.parameters():
+    return _cast_parameters(copy.deepcopy(model), dtype)  # tied parameters stay one parameter
+
+
+def _cast_parameters(net: Qwen2ForCausalLM, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    """`net` with its parameters in `dtype`: only parameters take the model dtype, the rotary tables (buffers)
+    stay float32."""
+    for param in net.parameters():
         param.data = param.data.to(dtype)
-    return twin
+    return net

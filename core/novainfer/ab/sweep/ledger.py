@@ -61,7 +61,7 @@ class Ledger:
     def records(self) -> list[TrialRecord]:
         """Each trial's latest record (per sweep and trial id), in the file order of those; a torn final line is
         ignored, a missing file reads as empty."""
-        lines = self._lines()
+        lines = self.history()
         last = {(r.sweep_id, r.trial_id): i for i, r in enumerate(lines)}
         return [r for i, r in enumerate(lines) if last[(r.sweep_id, r.trial_id)] == i]
 
@@ -73,8 +73,9 @@ class Ledger:
             if (sweep_id is None or r.sweep_id == sweep_id) and r.status not in rerun
         }
 
-    def _lines(self) -> list[TrialRecord]:
-        """Every record in file order."""
+    def history(self) -> list[TrialRecord]:
+        """Every record in file order, those a later record of the same trial superseded included (a torn final
+        line is ignored, as in `records`)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:

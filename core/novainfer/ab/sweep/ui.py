@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable
 
 from novainfer.ab.sweep import commands
+from novainfer.ab.sweep.mlflow_store import default_tracking_uri, is_http
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -34,8 +35,6 @@ def link(base: str, route: str) -> str:
 def where_to_see(uri: str, sweep: str, route: str) -> str:
     """Where to see a sweep's comparison: its link on a tracking server, or the `nova-ab ui` command that serves a
     local store and prints the link (with the port it really binds, known only once it listens)."""
-    from novainfer.ab.sweep.mlflow_store import default_tracking_uri, is_http
-
     if is_http(uri):
         return f"this sweep's comparison: {link(uri, route)}"
     command = f"{commands.nova_ab()} ui"
