@@ -185,7 +185,8 @@ class _DroppingExecutor(LocalSubprocessExecutor):
         return record
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop itself, expected
+# A drop that reached Python's report (pytest's hook turns it into this warning) would print a traceback.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_sweep(tmp_path: Path, monkeypatch) -> None:
     stopped = _interrupted_sweep(tmp_path, monkeypatch, _DroppingExecutor(tmp_path / "logs"))
     assert "1 of 2 trials are in the ledger" in str(stopped)

@@ -8,7 +8,8 @@ are wrong for it:
 - the middle of a write: an MLflow sqlite transaction interrupted between its first statement and its commit
   keeps the database's write lock (its connection lives on in the traceback), so marking the parent run KILLED
   waited on "database is locked" for minutes (seen in CI: the Ctrl-C test timed out).
-Within `interrupts_kept`, the handler remembers the interrupt; the sweep asks at the points where it may stop
+Within `interrupts_kept`, the handler remembers the interrupt (and Python's report of one it dropped, an
+"Exception ignored in ..." traceback on stderr, is left out); the sweep asks at the points where it may stop
 (after each trial's record) so that a dropped one is raised again there, and holds a Ctrl-C back while it
 writes a record, raising it when the write is done.
 """
@@ -16,6 +17,7 @@ writes a record, raising it when the write is done.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +30,19 @@ class KeptInterrupts:
     def __init__(self) -> None:
         self.arrived = False
         self._holding = 0
+        self.previous_unraisablehook = sys.unraisablehook
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         again = self.arrived
         self.arrived = True
         if not self._holding or again:  # a second Ctrl-C does not wait: the user insists
             raise KeyboardInterrupt
+
+    def on_unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        """sys.unraisablehook: a Ctrl-C dropped in a finalizer is remembered, to be raised where the sweep may
+        stop; anything else goes to the hook there was before."""
+        if not (self.arrived and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            self.previous_unraisablehook(unraisable)
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if a Ctrl-C has arrived, whether or not it got through."""
@@ -65,7 +74,9 @@ def interrupts_kept() -> Iterator[KeptInterrupts]:
         yield kept
         return
     signal.signal(signal.SIGINT, kept.on_sigint)
+    sys.unraisablehook = kept.on_unraisable
     try:
         yield kept
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = kept.previous_unraisablehook
