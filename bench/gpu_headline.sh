@@ -9,11 +9,14 @@
 # Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call (it holds .nova-ab/), so that
 # RESUME=1 runs only the trials still missing (RERUN_FAILED=1: also those that failed, timed out or were
 # skipped). The table lands in $OUT/headline.txt, the trials' logs beside the ledger. With STEP_TIMES=1 the
-# call ends with native's step times by class, async on (bench/step_times_gpu.py).
+# call ends with native's step times by class, async on (bench/step_times_gpu.py). NO_VLLM=1, once every vLLM
+# trial has its record, makes it one call with .whl alone (no stash; an arm it would run is recorded as skipped).
 source bench/gpu_setup.sh
-bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
-    tail -5 $OUT/vllm_setup.txt; echo "gpu_headline.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
-}
+if [ -z "$NO_VLLM" ]; then
+    bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
+        tail -5 $OUT/vllm_setup.txt; echo "gpu_headline.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
+    }
+fi
 export PYTHONPATH=$PYTHONPATH:/tmp/vsite FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 timeout "${LIMIT:-480}" python3 -m novainfer.ab.sweep.cli sweep experiments/headline.toml ${RESUME:+--resume} \
