@@ -4,7 +4,6 @@
 # tail lands in $OUT/<part>.txt. A carried .cache/fi_cache.tgz (flashinfer's JIT cache from an earlier
 # machine) is unpacked first so flashinfer does not compile again.
 source bench/gpu_setup.sh
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
 if [ -f .cache/fi_cache.tgz ] && [ ! -d .cache/fi ]; then
     tar xzf .cache/fi_cache.tgz
     # Newer than the sources pip just installed, so ninja sees nothing to rebuild.

@@ -7,7 +7,7 @@
 # attention part), to compare with their earlier numbers in bench/RESULTS.md. Tails in $OUT/<part>.txt, a
 # summary in $OUT/summary.txt.
 source bench/gpu_setup.sh
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 part() {  # part NAME TIMEOUT COMMAND...: run with a time limit, keep the tail
     local name=$1 limit=$2; shift 2

@@ -17,7 +17,7 @@ if [ -z "$NO_VLLM" ]; then
         tail -5 $OUT/vllm_setup.txt; echo "gpu_headline.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
     }
 fi
-export PYTHONPATH=$PYTHONPATH:/tmp/vsite FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
+export PYTHONPATH=$PYTHONPATH:/tmp/vsite
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 timeout "${LIMIT:-480}" python3 -m novainfer.ab.sweep.cli sweep experiments/headline.toml ${RESUME:+--resume} \
     ${RERUN_FAILED:+--rerun-failed} 2>&1 \
@@ -27,3 +27,4 @@ if [ -n "$STEP_TIMES" ]; then
         | tee $OUT/step_times.txt
 fi
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) | tar czf $OUT/ledgers.tgz -T -
+du -sh .cache/* 2>/dev/null | tee $OUT/caches.txt  # what a carried JIT cache would weigh

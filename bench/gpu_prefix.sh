@@ -6,7 +6,6 @@
 # 540); a later call with RESUME=1 continues from the ledger. Table in $OUT/prefix.txt, ledgers in
 # $OUT/ledgers.tgz.
 source bench/gpu_setup.sh
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
 if [ -e .vllm/vllm_device_setup.sh ]; then
     bash .vllm/vllm_device_setup.sh install && export PYTHONPATH=$PYTHONPATH:/tmp/vsite
 fi

@@ -10,10 +10,11 @@ source bench/gpu_setup.sh
 bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
     tail -5 $OUT/vllm_setup.txt; echo "gpu_serving.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
 }
-export PYTHONPATH=$PYTHONPATH:/tmp/vsite FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi
+export PYTHONPATH=$PYTHONPATH:/tmp/vsite
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 timeout "${LIMIT:-540}" python3 -m novainfer.ab.sweep.cli sweep experiments/serving.toml ${RESUME:+--resume} 2>&1 \
     | tail -60 | tee $OUT/serving.txt
 latest=$(ls -td .nova-ab/serving-* 2>/dev/null | head -1)
 [ -n "$latest" ] && [ -f "$latest/compare.png" ] && cp "$latest/compare.png" $OUT/serving.png
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) | tar czf $OUT/ledgers.tgz -T -
+du -sh .cache/* 2>/dev/null | tee $OUT/caches.txt  # what a carried JIT cache would weigh

@@ -5,7 +5,7 @@
 # and REPEATS repeats per arm (default 3), within LIMIT seconds (default 540) each. The console tables
 # land in $OUT/<caliber>.txt, the ledgers (with their sweep.json) in $OUT/ledgers.tgz (`nova-ab import` logs them to MLflow).
 source bench/gpu_setup.sh
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 for name in ${CALIBERS:-grid kv_layout}; do
     narrow=()

@@ -11,7 +11,7 @@
 source bench/gpu_setup.sh
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site \
     tests/plugins/adversarial
-export FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 if [ -z "$SKIP_ADVERSARY" ]; then
     timeout 200 python3 -m novainfer.ab.sweep.cli sweep bench/graph_adversary.toml > $OUT/adversary.txt 2>&1

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from novainfer import LLM, SamplingParams
-from novainfer.ab.trial.output_check import check_outputs
+from novainfer.ab.trial import output_check
+from novainfer.ab.trial.output_check import check_outputs, logits_budget
 from novainfer.ab.wire import OutputCheck
 from novainfer.ab.workload import Workload
 from novainfer.backend_api import CONTRACT_VERSION, BackendError, BackendSpec, Capabilities, hookimpl
@@ -65,6 +66,34 @@ def test_one_wrong_token_is_outside_and_named_by_request_and_position() -> None:
     assert (report.worst_request, report.worst_position) == (request, last)
     assert report.worst_gap > 100 * report.margin
     assert f"request {request}, output token {last}" in report.problem()
+
+
+def test_the_step_size_changes_how_long_the_check_takes_never_what_it_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logits budget sets how many tokens a step of the check holds (more on a GPU with room, for speed): every
+    token is still checked once, and the same wrong token is found, whether it takes one step or many."""
+    config, prompts, outputs = honest_run("float32")
+    request = 6
+    position = len(outputs[request]) - 1  # the last: no later token sees it
+    reference = LLM(**{**config.to_dict(), "backend": "reference"}, warm_up=False)
+    (logits,) = reference.teacher_forced_logits([prompts[request]], [outputs[request]])
+    outputs[request][position] = int(logits[position].argmin())
+    reports = [check_outputs(config, prompts, outputs, floor_margin=2.0)]
+    vocab = reference.model_config.vocab_size
+    monkeypatch.setattr(output_check, "LOGITS_ELEMENTS", vocab * config.block_size)  # one block's tokens a step
+    reports.append(check_outputs(config, prompts, outputs, floor_margin=2.0))
+    whole, small = reports
+    assert small.steps > 4 * whole.steps
+    for report in reports:
+        assert report.tokens_checked == report.tokens_produced == WORKLOAD.expected_output_tokens
+        assert report.tokens_outside == 1 and (report.worst_request, report.worst_position) == (request, position)
+
+
+def test_a_gpu_with_room_gets_larger_steps_within_bounds() -> None:
+    gib = 1 << 30
+    assert logits_budget(None) == output_check.LOGITS_ELEMENTS  # the host's memory is not asked
+    assert logits_budget(1 * gib) == output_check.LOGITS_ELEMENTS  # little free: never below the floor
+    assert logits_budget(16 * gib) == 16 * gib // 64  # a quarter of it in four float32 tensors
+    assert logits_budget(130 * gib) == output_check.LOGITS_ELEMENTS_GPU  # an empty H200: the cap
 
 
 def test_the_report_travels_as_json_with_a_nan_failing() -> None:

@@ -49,8 +49,22 @@ from novainfer.config import EngineConfig
 from novainfer.engine import resolve_device, resolve_dtype
 from novainfer.models.qwen2 import in_dtype
 
-# Logits of at most this many elements (float32) are held at once per engine: bounds the check's memory.
-_LOGITS_ELEMENTS = 1 << 27
+# Logits of at least this many elements (float32) are held at once per engine, and of at most the larger one
+# where a GPU's free memory allows: steps of more tokens spend less host work per token (on the H200 the headline's
+# check took 45.8 s at 2^27, 37.2 s at 2^29: bench/RESULTS.md). A step holds about four logits-sized float32
+# tensors (both engines' logits, the floor's cast and its difference), so 1/64 of the free memory in elements
+# keeps them within a quarter of it.
+LOGITS_ELEMENTS = 1 << 27
+LOGITS_ELEMENTS_GPU = 1 << 29
+
+
+def logits_budget(free_bytes: int | None) -> int:
+    """Logits elements each engine holds at once: LOGITS_ELEMENTS, or up to LOGITS_ELEMENTS_GPU on a device
+    with `free_bytes` free once the reference's weights are in (None: not a GPU, whose host memory is not asked)."""
+    if free_bytes is None:
+        return LOGITS_ELEMENTS
+    return min(LOGITS_ELEMENTS_GPU, max(LOGITS_ELEMENTS, free_bytes // 64))
+
 
 
 def check_outputs(
@@ -78,7 +92,8 @@ def check_outputs(
     with torch.inference_mode():
         probe = LLM(**common, dtype="float32", kv_cache_capacity=config.block_size)
         vocab = probe.model_config.vocab_size
-        budget = max(config.block_size, min(_LOGITS_ELEMENTS // vocab, 8192))
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        budget = max(config.block_size, min(logits_budget(free) // vocab, 8192))
         capacity = max(budget, longest) + config.max_num_seqs * config.block_size
         limits = dict(max_num_batched_tokens=budget, kv_cache_capacity=capacity)
         reference = LLM(
@@ -99,7 +114,7 @@ def check_outputs(
             if floor_rows != rows:
                 raise RuntimeError("the reference and floor engines scheduled different rows")
             report.steps += 1
-            floor_delta = worse(floor_delta, float((got.float() - want).abs().amax()))
+            floor_delta = worse(floor_delta, float((got - want).abs_().amax()))
             produced = torch.tensor([sequences[i][p + 1] for i, p in rows], device=want.device)
             top, top_token = want.max(dim=-1)
             gap = top - want.gather(1, produced.unsqueeze(1)).squeeze(1)
