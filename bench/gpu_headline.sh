@@ -23,7 +23,7 @@ timeout "${LIMIT:-480}" python3 -m novainfer.ab.sweep.cli sweep experiments/head
     ${RERUN_FAILED:+--rerun-failed} 2>&1 \
     | tail -40 | tee $OUT/headline.txt
 if [ -n "$STEP_TIMES" ]; then
-    timeout 120 python3 bench/step_times_gpu.py experiments/headline.toml native --async on 2>&1 | head -14 \
+    timeout 120 python3 bench/step_times_gpu.py experiments/headline.toml native --async on 2>&1 | head -60 \
         | tee $OUT/step_times.txt
 fi
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) | tar czf $OUT/ledgers.tgz -T -

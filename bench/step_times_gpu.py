@@ -4,8 +4,9 @@ Runs an experiment's workload as a trial does (warm-up generate, then the timed 
 backend, then prints: the wall time of prefill-carrying steps and of decode steps (median, p90, sum),
 per decode bucket: the steps' host work left exposed and the device time of that bucket's CUDA-graph replay (in a
 run, over each step's own metadata, and alone, over the last step's),
-beside the time one read of the weights takes at the device's measured copy bandwidth, and a torch.profiler
-table of the CPU time by op of one eager prefill step of the workload. For diagnosis, not for numbers: the
+beside the time one read of the weights takes at the device's measured copy bandwidth, the largest bucket's replay
+by kernel (device time and launches per replay, under torch.profiler), and a torch.profiler table of the CPU time
+by op of one eager prefill step of the workload. For diagnosis, not for numbers: the
 sweep's trials are the numbers.
 
     python bench/step_times_gpu.py experiments/kv_layout.toml [native] [--async on|off] [--prefix-caching on|off]
@@ -70,6 +71,22 @@ def replays_in_a_run(llm: LLM, prompts: list[list[int]], params: list[SamplingPa
     for size, start, end in events:
         by_size.setdefault(size, []).append(start.elapsed_time(end))
     return by_size
+
+
+def replay_kernels(llm: LLM, bucket: int, repeats: int = 20) -> list[tuple[str, float, float]]:
+    """The kernels of one replay of `bucket`'s graph (over the last step's metadata): (name, device ms, launches),
+    per replay, largest first. Their sum against the replay's own time is what the graph spends between kernels."""
+    graphs = llm.runner.graphs
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            graphs.replay(bucket)
+        torch.cuda.synchronize()
+    kernels = [
+        (e.key, e.self_device_time_total / 1e3 / repeats, e.count / repeats)
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+    ]
+    return sorted(kernels, key=lambda k: -k[1])
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -149,6 +166,16 @@ def main() -> None:
               f"  {statistics.median(s.host_s for s in steps) * 1e3:8.3f} ms"
               f"  {statistics.median(exposed):8.3f} / {exposed[int(0.9 * len(exposed))]:.3f} ms"
               f"  {statistics.median(in_run.get(bucket, [math.nan])):10.3f} ms  {replay_ms(llm, bucket):8.3f} ms")
+
+    # The largest bucket's replay by kernel: what its device time is made of.
+    if by_bucket:
+        bucket = max(by_bucket)
+        kernels = replay_kernels(llm, bucket)
+        alone = replay_ms(llm, bucket)
+        print(f"bucket {bucket} replay by kernel (over the last step's metadata): {alone:.3f} ms, of which kernels "
+              f"{sum(k[1] for k in kernels):.3f} ms in {sum(k[2] for k in kernels):.0f} launches")
+        for name, ms, launches in kernels[:15]:
+            print(f"  {ms:7.3f} ms  {launches:5.0f}x  {name[:90]}")
 
     # One eager prefill step of the workload's prompts, profiled on the host.
     for prompt, n in zip(prompts, lens):
