@@ -92,7 +92,7 @@ def test_a_gpu_with_room_gets_larger_steps_within_bounds() -> None:
     gib = 1 << 30
     assert logits_budget(None) == output_check.LOGITS_ELEMENTS  # the host's memory is not asked
     assert logits_budget(1 * gib) == output_check.LOGITS_ELEMENTS  # little free: never below the floor
-    assert logits_budget(16 * gib) == 16 * gib // 64  # a quarter of it in four float32 tensors
+    assert logits_budget(16 * gib) == 16 * gib // 64  # three logits-sized tensors within a fifth of it
     assert logits_budget(130 * gib) == output_check.LOGITS_ELEMENTS_GPU  # an empty H200: the cap
 
 

@@ -51,9 +51,9 @@ from novainfer.models.qwen2 import in_dtype
 
 # Logits of at least this many elements (float32) are held at once per engine, and of at most the larger one
 # where a GPU's free memory allows: steps of more tokens spend less host work per token (on the H200 the headline's
-# check took 45.8 s at 2^27, 37.2 s at 2^29: bench/RESULTS.md). A step holds about four logits-sized float32
-# tensors (both engines' logits, the floor's cast and its difference), so 1/64 of the free memory in elements
-# keeps them within a quarter of it.
+# check took 45.8 s at 2^27, 37.2 s at 2^29: bench/RESULTS.md). A step holds at most three logits-sized tensors
+# of at most 4 bytes an element (the reference's logits, the floor's, their difference), so 1/64 of the free
+# memory in elements keeps them within a fifth of it.
 LOGITS_ELEMENTS = 1 << 27
 LOGITS_ELEMENTS_GPU = 1 << 29
 
