@@ -377,6 +377,37 @@ def test_children_are_named_by_short_arm_names(store: tuple[str, str], tmp_path:
     assert [r.info.run_name for r in _children(store, other)] == ["backend=x #0"]
 
 
+def test_compare_names_each_arm_as_its_child_runs_are_named_whatever_the_axes_order(
+    store: tuple[str, str], tmp_path: Path
+) -> None:
+    """The axes in file order (backend, then async_scheduling: not alphabetical), the sweep's names from the
+    experiment file as the sweep gives them; read back from MLflow (params sorted there), compare names each arm
+    as MLflow's runs table shows its children."""
+    from novainfer.ab.sweep.experiment import load_experiment
+    from novainfer.ab.sweep.names import arm_names, record_names
+
+    path = tmp_path / "order.toml"
+    path.write_text(
+        '[workload]\nnum_seqs = 2\ninput_len = [8, 16]\noutput_len = [4, 8]\n'
+        '[engine]\nmodel = "random:qwen2-tiny"\ndevice = "cpu"\nmax_model_len = 64\nkv_cache_capacity = 256\n'
+        '[sweep.axes]\nbackend = ["native", "reference"]\nasync_scheduling = [true, false]\n'
+    )
+    arms = load_experiment(path).arms
+    names = arm_names(arms)
+    assert names["backend=native,async_scheduling=true"] == "native · async_scheduling=true"
+    tracker = Tracker(store[0], "nova-test")
+    parent = tracker.start_sweep(_sweep("order", arm_names=names))
+    for repeat, arm in enumerate(arms):
+        tracker.log_trial(
+            dataclasses.replace(_record("order", "backend=native", repeat), trial_id=f"{arm.label}#0", arm=arm.label,
+                                arm_params=arm.params, repeat=0, order=repeat)
+        )
+    _, _, loaded = Tracker(store[0], "nova-test", create=False).load_sweep("order")
+    assert [list(r.arm_params) for r in loaded] == [["async_scheduling", "backend"]] * 4  # sorted in the store
+    shown = {r.data.tags["nova.arm_name"] for r in _children(store, parent)}
+    assert set(record_names(loaded).values()) == shown == set(names.values())
+
+
 def test_workload_is_the_input_dataset_of_parent_and_children(tracker: Tracker, store: tuple[str, str]) -> None:
     parent = tracker.start_sweep(_sweep("w1", workload=WORKLOAD))
     tracker.log_trial(_record("w1", "backend=native", 0))

@@ -66,9 +66,24 @@ def _parts(params: dict[str, Any], varying: set[str]) -> list[str]:
 
 def record_names(records: Iterable[HasArm]) -> dict[str, str]:
     """Arm label -> short name from a sweep's records (what `nova-ab compare` reads back from MLflow): the names
-    arm_names gave the sweep's arms, each record carrying its arm's label and params."""
-    arms = {r.arm: _ArmOfRecord(r.arm, r.arm_params) for r in records}
+    arm_names gave the sweep's arms, each record carrying its arm's label and params. The params come back with
+    their keys sorted (the ledger and MLflow store them so), so each is put back in its label's order, the file's
+    axis order, which the names follow: "native · async_scheduling=true" as the sweep and MLflow's runs table
+    show it, not "async_scheduling=true · native"."""
+    arms = {r.arm: _ArmOfRecord(r.arm, _in_label_order(r.arm, r.arm_params)) for r in records}
     return arm_names(list(arms.values()))
+
+
+def _in_label_order(label: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` ordered as their keys appear in `label` ("axis=value,..."); a key the label lacks goes last."""
+
+    def position(key: str) -> int:
+        if label.startswith(f"{key}="):
+            return 0
+        found = label.find(f",{key}=")
+        return len(label) if found < 0 else found
+
+    return {key: params[key] for key in sorted(params, key=position)}
 
 
 class HasArm(Protocol):
