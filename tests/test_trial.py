@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from novainfer.ab.trial import novainfer_engine
+from novainfer.ab.trial.jit_caches import cache_dirs, cached_files
 from novainfer.ab.trial.phases import PHASES, PhaseClock, choose_samples
 from novainfer.ab.trial.procedure import run_trial
 from novainfer.ab.trial.schedule import plan_schedule
@@ -56,6 +60,36 @@ def test_a_run_that_leaves_the_planned_schedule_is_a_caliber_mismatch(monkeypatc
     assert record.metrics["requests_off"] == 0 and record.metrics["schedule_steps_off"] == 1
     assert "planned schedule" in record.reason
     assert record.tags["phases_cover"].startswith("none")
+
+
+def test_a_compile_in_the_timed_window_is_counted_those_before_it_are_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An engine that compiles lazily, on the run's own shapes, writes its kernel into a JIT cache during the timed
+    run (so would a peer's engine process, out of the trial's reach): counted. Entries there before the window (an
+    earlier trial's, the warm-up's) are not."""
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.setenv("FLASHINFER_WORKSPACE_BASE", str(tmp_path / "fi"))
+    assert {cache, tmp_path / "fi" / ".cache" / "flashinfer"} <= set(cache_dirs())
+
+    def entry(name: str) -> None:
+        (cache / name).mkdir(parents=True)
+        (cache / name / "kernel.cubin").write_bytes(b"\0")
+
+    entry("earlier")
+    generate, calls = novainfer_engine.NovaInferEngine.generate, []
+
+    def compiling(self: novainfer_engine.NovaInferEngine, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(calls))
+        entry(["warm-up", "lazy"][len(calls) - 1])  # the first call is the warm-up, the second the timed run
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(novainfer_engine.NovaInferEngine, "generate", compiling)
+    record = new_record(request())
+    run_trial(request(), record)
+    assert calls == [0, 1] and len(cached_files()) == 3
+    assert record.metrics["timed_jit_cache_files"] == 1
 
 
 def test_a_gate_switched_off_leaves_the_trial_unverified() -> None:

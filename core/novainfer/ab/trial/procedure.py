@@ -7,7 +7,8 @@
 3. draw the timed run's token ids from a fresh seed (recorded), so nothing about them is known at start-up;
 4. the timed run: the whole workload, from submitting the first request to the last request's final token;
    every request's output token ids are kept in the record; an online caliber submits each request at its
-   arrival time and records each request's latencies (novainfer.ab.trial.latency);
+   arrival time and records each request's latencies (novainfer.ab.trial.latency); files that appear in the
+   JIT compilers' caches meanwhile are counted, whichever process wrote them (novainfer.ab.trial.jit_caches);
 5. the caliber check, one rule for every arm: each request must produce exactly its drawn output length
    (requests_off counts those that did not), and an engine that planned its schedule must have taken exactly
    the planned steps (schedule_steps_off), else "caliber_mismatch";
@@ -38,6 +39,7 @@ from typing import Any
 
 from novainfer.ab.trial.engines import EngineUnavailable, TrialEngine, open_trial_engine
 from novainfer.ab.trial.environment import git_commit
+from novainfer.ab.trial.jit_caches import cached_files
 from novainfer.ab.trial.latency import RequestTiming, latency_metrics
 from novainfer.ab.trial.telemetry import open_monitor
 from novainfer.ab.wire import TrialRecord, TrialRequest, new_record
@@ -125,6 +127,7 @@ def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) 
     emit("phase", name="timed", total=expected)
     progress = _Progress(expected)
     monitor = open_monitor(record.tags.get("gpu_uuid"))  # the GPU's clocks, heat and power over the window
+    compiled_before = cached_files()  # outside the window: listing the caches is not the run's time
     engine.begin_timed()
     monitor.start()  # its first reading before the clock starts, its last after it stops
     t0 = time.perf_counter()
@@ -134,6 +137,8 @@ def _timed_run(request: TrialRequest, record: TrialRecord, engine: TrialEngine) 
     record.outputs = outputs
     metrics = record.metrics
     metrics.update(engine.end_timed())
+    # Files new in the JIT caches: compiles during the timed run, by any engine or process (must be zero).
+    metrics["timed_jit_cache_files"] = len(cached_files() - compiled_before)
     record.breakdown = engine.breakdown
     counts = [len(o) for o in outputs]
     actual = sum(counts)
