@@ -124,7 +124,7 @@ def _compare(args: argparse.Namespace) -> int:
         baseline = _chosen_arm(args.baseline, names)
     summaries = summarize(records, baseline)
     if is_online(records):  # an online sweep: latency under load, rate by rate
-        return _compare_online(args, records, baseline, name)
+        return _compare_online(args, records, baseline, name, names)
     if args.format == "table":
         where = where_to_see(tracker.uri, name, route)
         print(f"sweep {name} ({tracker.uri}, experiment {args.experiment!r}); {where}")
@@ -166,15 +166,17 @@ def _ui(args: argparse.Namespace) -> int:
     return serve(tracker.uri, name, route, args.host, args.port)
 
 
-def _compare_online(args: argparse.Namespace, records: list[Any], baseline: str, name: str) -> int:
+def _compare_online(
+    args: argparse.Namespace, records: list[Any], baseline: str, name: str, names: dict[str, str]
+) -> int:
     """`compare` of an online sweep: latency and goodput by arm and rate (novainfer.ab.sweep.serving_report)."""
     from novainfer.ab.sweep.report import console
-    from novainfer.ab.sweep.serving_report import plot, render_table, rows
+    from novainfer.ab.sweep.serving_report import named, plot, render_table, rows
     from novainfer.ab.sweep.serving_stats import compare
 
     comparison = compare(records, baseline)
     if args.format == "table":
-        console().print(render_table(comparison))
+        console().print(render_table(comparison, named(comparison, names)))
     else:
         _write_rows([{"sweep": name, **row} for row in rows(comparison)], args.format)
     if args.out:

@@ -119,8 +119,10 @@ def _versus(s: ServingArm) -> str:
     return " ".join(cells) or "-"
 
 
-def render_table(c: ServingComparison) -> Table:
-    """One row per arm, grouped by rate; the caption explains the columns and ends with the verdict."""
+def render_table(c: ServingComparison, names: Mapping[str, str] | None = None) -> Table:
+    """One row per arm, grouped by rate, each arm by its short name in `names` (see `named`) where given; the
+    caption explains the columns and ends with the verdict."""
+    short = names or {}
     table = Table(
         title="Latency under load by arm and rate (ms; lower is better)",
         caption=(
@@ -128,7 +130,7 @@ def render_table(c: ServingComparison) -> Table:
             "ratio to the baseline at the same rate (geometric mean of the ratios paired by repeat), * significant "
             "(paired t-test on logs, Holm). good: "
             f"requests meeting every SLO target; SLO: {slo_words(c) if c.slo else 'none declared'}.\n"
-            + escape(verdict(c))  # plain text: "[metrics.slo]" is not rich markup
+            + escape(verdict(c, short))  # plain text: "[metrics.slo]" is not rich markup
         ),
         caption_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
     )
@@ -139,7 +141,7 @@ def render_table(c: ServingComparison) -> Table:
     for s in c.arms:
         lat = s.latency
         table.add_row(
-            f"{s.rate:g}", s.group + (" (base)" if s.is_baseline else ""),
+            f"{s.rate:g}", _group_name(s, short) + (" (base)" if s.is_baseline else ""),
             f"{s.summary.n_measured}/{s.summary.n_trials}",
             _ms(lat["ttft_ms_median"].median), _ms(lat["ttft_ms_p99"].median), _ms(lat["tpot_ms_median"].median),
             _ms(lat["tpot_ms_p99"].median), _ms(lat["e2e_ms_median"].median),
@@ -293,11 +295,18 @@ def online_report(
 ) -> OnlineReport:
     """The online sweep's comparison, rendered every way the runner needs it (the PNG written to `png`)."""
     c = compare(records, baseline_arm)
-    named = {**names, **_group_names(c, names)}
-    return OnlineReport(render_table(c), markdown(c, named, title), summary_metrics(c, named), plot(c, png, title))
+    short = named(c, names)
+    table = render_table(c, short)
+    return OnlineReport(table, markdown(c, short, title), summary_metrics(c, short), plot(c, png, title))
 
 
-def _group_names(c: ServingComparison, names: dict[str, str]) -> dict[str, str]:
+def named(c: ServingComparison, names: Mapping[str, str]) -> dict[str, str]:
+    """The arms' short names (`names`: arm label -> name) and their groups' (an arm's short name without its rate
+    part, where those stay unique): what the table, the verdict and MLflow's metric keys call them."""
+    return {**names, **_group_names(c, names)}
+
+
+def _group_names(c: ServingComparison, names: Mapping[str, str]) -> dict[str, str]:
     """Short names of the groups (an arm's short name without its rate part), where they stay unique."""
     short: dict[str, str] = {}
     for s in c.arms:
