@@ -30,10 +30,10 @@ def cache_dirs() -> list[Path]:
     ]
 
 
-def cached_files(dirs: list[Path] | None = None) -> set[str]:
+def cached_files() -> set[str]:
     """Every file under the JIT caches now (paths; a cache that is not there has none)."""
     found: set[str] = set()
-    for root in dirs if dirs is not None else cache_dirs():
+    for root in cache_dirs():
         for folder, _, files in os.walk(root):
             found.update(os.path.join(folder, name) for name in files)
     return found

@@ -66,7 +66,6 @@ def logits_budget(free_bytes: int | None) -> int:
     return min(LOGITS_ELEMENTS_GPU, max(LOGITS_ELEMENTS, free_bytes // 64))
 
 
-
 def check_outputs(
     config: EngineConfig, prompts: list[list[int]], outputs: list[list[int]], floor_margin: float
 ) -> OutputCheck:
