@@ -62,6 +62,7 @@ def replays_in_a_run(llm: LLM, prompts: list[list[int]], params: list[SamplingPa
         return out
 
     graphs.replay = timed
+    llm.reset_prefix_cache()
     try:
         llm.generate(prompts, params)
     finally:
@@ -124,6 +125,8 @@ def main() -> None:
     llm.generate(prompts, params)
     torch.cuda.synchronize()
     llm.step_stats.clear()
+    # Cold, as a trial's timed run: the warm-up's prompts left in the prefix cache would turn every prefill into hits.
+    llm.reset_prefix_cache()
     llm.generate(prompts, params)
     stats = list(llm.step_stats)
     in_run = replays_in_a_run(llm, prompts, params)
