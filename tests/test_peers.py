@@ -237,6 +237,29 @@ def test_bad_peer_is_one_line_exit_2_through_the_cli(tmp_path: Path) -> None:
     assert run.stderr == f"nova-ab: {path}: sweep.peers[0].peer: unknown peer 'sglang'; peers: vllm, transformers\n"
 
 
+def test_a_peer_left_on_the_engine_setting_every_arm_overrides_is_refused(tmp_path: Path) -> None:
+    # kv_layout's trap on the H200: an axis put our arm on CUDA graphs, the [engine] table left them off, and the
+    # peer took the table's value: vLLM ran eager beside a graph-replayed arm.
+    graphs = variant("backend = [\"native\"]", "backend = [\"native\"]\ncuda_graphs = [true]")
+    error = load_error(tmp_path, graphs + '\n[[sweep.peers]]\npeer = "vllm"\n')
+    assert error.field == "sweep.peers[0].cuda_graphs", str(error)
+    assert error.problem == (
+        "every arm runs cuda_graphs = true (sweep.axes) but this peer would take false from [engine]; "
+        "set it in the peer's table (cuda_graphs = true to compare like with like)"
+    )
+    # Said in the peer's table, either way, it is the file's choice; an axis that varies it covers the peer's value.
+    for peer, axis, want in (
+        ("cuda_graphs = true", "[true]", True), ("cuda_graphs = false", "[true]", False), ("", "[false, true]", False)
+    ):
+        text = variant("backend = [\"native\"]", f"backend = [\"native\"]\ncuda_graphs = {axis}")
+        experiment = load_experiment(write(tmp_path, text + f'\n[[sweep.peers]]\npeer = "vllm"\n{peer}\n'))
+        assert experiment.arms[-1].config.cuda_graphs is want
+    # The same for any setting a peer maps: max_num_batched_tokens narrowed to one value the engine does not have.
+    narrowed = variant("max_num_batched_tokens = [64, 512]", "max_num_batched_tokens = [64]")
+    error = load_error(tmp_path, narrowed + '\n[[sweep.peers]]\npeer = "transformers"\n')
+    assert error.field == "sweep.peers[0].max_num_batched_tokens", str(error)
+
+
 def test_peers_experiment_is_the_compare_vllm_caliber() -> None:
     peers = load_experiment(EXPERIMENTS / "peers.toml")
     grid = load_experiment(EXPERIMENTS / "grid.toml")

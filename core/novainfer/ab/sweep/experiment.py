@@ -233,6 +233,7 @@ def _resolve(path: Path, parsed: ExperimentFile) -> Experiment:
 
     arms = [_resolved_model(path, arm) for arm in arms]
     peer_arms, peers = _peer_arms(path, parsed.sweep.peers, engine_values)
+    _check_peer_settings(path, peer_arms, arms, axes)
     if rates:  # a peer runs at every rate too, on the same arrivals as ours
         peer_arms = [
             replace(arm, label=_label({**arm.params, RATE_AXIS: rate}), params={**arm.params, RATE_AXIS: rate})
@@ -429,6 +430,26 @@ def _peer_arms(path: Path, entries: list[dict[str, Any]], engine: dict[str, Any]
         arms.append(Arm(label, params, config, peer={"peer": name, **options}, source=source))
         resolved.append(table.model_dump(mode="json", exclude_none=True))
     return arms, resolved
+
+
+def _check_peer_settings(path: Path, peer_arms: list[Arm], arms: list[Arm], axes: Mapping[str, list]) -> None:
+    """A peer takes the [engine] table's settings unless its own table names them. Where an axis puts every arm
+    of ours on one value and the peer would take another from [engine] (an axis `cuda_graphs = [true]` over an
+    engine left eager ran vLLM with enforce_eager), the comparison is of unlike engines that the file never
+    asked for: the peer's table must say which it means."""
+    for peer in peer_arms:
+        for field in axes:
+            if field not in PEER_ENGINE_FIELDS or field in peer.params:
+                continue
+            ours = {getattr(arm.config, field) for arm in arms}
+            theirs = getattr(peer.config, field)
+            if len(ours) == 1 and theirs not in ours:
+                value = json.dumps(next(iter(ours)))
+                raise ExperimentError(
+                    path, f"{peer.source}.{field}",
+                    f"every arm runs {field} = {value} (sweep.axes) but this peer would take {json.dumps(theirs)} "
+                    f"from [engine]; set it in the peer's table ({field} = {value} to compare like with like)",
+                )
 
 
 def _resolved_model(path: Path, arm: Arm) -> Arm:

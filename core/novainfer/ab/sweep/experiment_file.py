@@ -27,7 +27,8 @@ GitHub Actions matrix: `exclude = [{ backend = "cudnn", async_scheduling = false
 an entry must name axes and values the file has, and leave out at least one arm, so a typo is an error. Each
 [[sweep.peers]] entry adds one arm that runs another engine on the same workload, labelled by what the entry says
 ("peer=vllm", "peer=transformers,cuda_graphs=false"), not crossed with the axes. A baseline may name a peer:
-baseline = { peer = "vllm" }.
+baseline = { peer = "vllm" }. Where an axis puts every arm of ours on one value of a setting the peer would take
+from [engine] with another (`cuda_graphs = [true]` over an eager [engine]), the peer's entry must name it.
 
 Bounds, so that a typo (an extra zero, `inf`) is a file error instead of a MemoryError or hours of work; each
 is far above any sweep we run:
