@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Prefix caching on the device, one call (carry .whl, .fi and .vllm; see ../shared/peers/vllm-0.26.0/README):
-#   NOVA_WHEELS=".whl .fi" bash bench/gpu_prefix.sh
+# Prefix caching on the device. Ours alone, one call with .whl:
+#   NO_PEERS=1 BACKENDS='"native"' bash bench/gpu_prefix.sh
+# With the vLLM arm, two calls back to back as bench/gpu_headline.sh's (`bash .vllm/vllm_device_setup.sh` carrying
+# .vllm, then this script carrying .whl and .vllm/vllm_device_setup.sh): vLLM is installed when that file is here.
 # experiments/prefix.toml (8 groups sharing a 1024-token system prompt; prefix cache off and on, native and
 # flashinfer, vLLM with its cache on), REPEATS per arm (default: the file's), within LIMIT seconds (default
 # 540); a later call with RESUME=1 continues from the ledger. Table in $OUT/prefix.txt, ledgers in

@@ -4,7 +4,10 @@
 # back to back as bench/gpu_headline.sh's (the machine keeps /tmp for 30 s between them):
 #   call 1, carry .vllm:                                      bash .vllm/vllm_device_setup.sh   (stashes the bundle)
 #   call 2, carry .whl, .vllm/vllm_device_setup.sh (and .nova-ab after the first):  [RESUME=1] bash bench/gpu_serving.sh
-# Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call. The table and the verdict
+# Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call; or, to keep the machine warm
+# (and vLLM's Triton, torch.compile and flashinfer caches under .cache/ with it), call again at once with RESUME=1
+# and no .nova-ab carried: a warm machine keeps the ignored .nova-ab/ and .cache/ and /tmp from the call before
+# (bench/RESULTS.md, 2026-12-02 sixth session: the prefix run resumed so), and every call returns the ledgers. The table and the verdict
 # land in $OUT/serving.txt, the latency-against-rate plot in $OUT/serving.png.
 source bench/gpu_setup.sh
 bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
