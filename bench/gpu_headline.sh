@@ -12,12 +12,7 @@
 # call ends with native's step times by class, async on (bench/step_times_gpu.py). NO_VLLM=1, once every vLLM
 # trial has its record, makes it one call with .whl alone (no stash; an arm it would run is recorded as skipped).
 source bench/gpu_setup.sh
-if [ -z "$NO_VLLM" ]; then
-    bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
-        tail -5 $OUT/vllm_setup.txt; echo "gpu_headline.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
-    }
-fi
-export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+[ -z "$NO_VLLM" ] && install_vllm gpu_headline.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 timeout "${LIMIT:-480}" python3 -m novainfer.ab.sweep.cli sweep experiments/headline.toml ${RESUME:+--resume} \
     ${RERUN_FAILED:+--rerun-failed} 2>&1 \

@@ -7,13 +7,10 @@
 # Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call; or, to keep the machine warm
 # (and vLLM's Triton, torch.compile and flashinfer caches under .cache/ with it), call again at once with RESUME=1
 # and no .nova-ab carried: a warm machine keeps the ignored .nova-ab/ and .cache/ and /tmp from the call before
-# (bench/RESULTS.md, 2026-12-02 sixth session: the prefix run resumed so), and every call returns the ledgers. The table and the verdict
-# land in $OUT/serving.txt, the latency-against-rate plot in $OUT/serving.png.
+# (bench/RESULTS.md, 2026-12-02 sixth session: the prefix run resumed so), and every call returns the ledgers.
+# The table and the verdict land in $OUT/serving.txt, the latency-against-rate plot in $OUT/serving.png.
 source bench/gpu_setup.sh
-bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
-    tail -5 $OUT/vllm_setup.txt; echo "gpu_serving.sh: vLLM is not installed (stash it first): no trial run"; exit 1;
-}
-export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+install_vllm gpu_serving.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
 timeout "${LIMIT:-540}" python3 -m novainfer.ab.sweep.cli sweep experiments/serving.toml ${RESUME:+--resume} 2>&1 \
     | tail -60 | tee $OUT/serving.txt

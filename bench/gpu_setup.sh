@@ -42,3 +42,12 @@ if ! python3 -m pip check > /tmp/pip-check.txt 2>&1; then
     fi
 fi
 set +e
+
+# vLLM from the bundle that a call just before stashed in /tmp (`bash .vllm/vllm_device_setup.sh`, carrying .vllm),
+# unpacked into /tmp/vsite and put on PYTHONPATH; without it the calling script ($1 names it) stops before any trial.
+install_vllm() {
+    bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
+        tail -5 $OUT/vllm_setup.txt; echo "$1: vLLM is not installed (stash it first): no trial run"; exit 1;
+    }
+    export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+}

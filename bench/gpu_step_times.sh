@@ -5,16 +5,16 @@
 # First native's step times on the headline workload, async on (bench/step_times_gpu.py: exposed host per decode
 # step by bucket, replay time beside the weights' read, the largest bucket's replay by kernel) in $OUT/step_times.txt;
 # then the kv_layout caliber (experiments/kv_layout.toml narrowed to native with CUDA graphs, the file's async
-# default) beside vLLM 0.26.0 with CUDA graphs (its default), REPEATS per arm (default 1), in $OUT/kv_layout.txt, ledgers in
-# $OUT/ledgers.tgz. NO_STEP_TIMES=1 skips the first part. RESUME=1 continues the kv_layout sweep from a carried .nova-ab.
+# default) beside vLLM 0.26.0 with CUDA graphs (its default), REPEATS per arm (default 1), in $OUT/kv_layout.txt,
+# ledgers in $OUT/ledgers.tgz. NO_STEP_TIMES=1 skips the first part. RESUME=1 continues the kv_layout sweep from a
+# carried .nova-ab.
 source bench/gpu_setup.sh
-bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
-    tail -5 $OUT/vllm_setup.txt; echo "gpu_step_times.sh: vLLM is not installed (stash it first)"; exit 1;
-}
-export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+install_vllm gpu_step_times.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit --format=csv,noheader | tee $OUT/gpu.txt
-[ -z "$NO_STEP_TIMES" ] && timeout 150 python3 bench/step_times_gpu.py experiments/headline.toml native --async on 2>&1 | head -60 \
-    | tee $OUT/step_times.txt
+if [ -z "$NO_STEP_TIMES" ]; then
+    timeout 150 python3 bench/step_times_gpu.py experiments/headline.toml native --async on 2>&1 | head -60 \
+        | tee $OUT/step_times.txt
+fi
 exp=experiments/gpu_kv_layout_vllm.toml
 sed -e 's/^backend = \[.*\]/backend = ["native"]/' -e 's/^cuda_graphs = \[.*\]/cuda_graphs = [true]/' \
     -e 's/^baseline = .*/baseline = { peer = "vllm" }/' -e "/^\[sweep\]$/a repeats = ${REPEATS:-1}" \

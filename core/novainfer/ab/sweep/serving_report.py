@@ -119,10 +119,9 @@ def _versus(s: ServingArm) -> str:
     return " ".join(cells) or "-"
 
 
-def render_table(c: ServingComparison, names: Mapping[str, str] | None = None) -> Table:
-    """One row per arm, grouped by rate, each arm by its short name in `names` (see `named`) where given; the
-    caption explains the columns and ends with the verdict."""
-    short = names or {}
+def render_table(c: ServingComparison, short: Mapping[str, str]) -> Table:
+    """One row per arm, grouped by rate, each arm by its short name in `short` (see `named`); the caption explains
+    the columns and ends with the verdict."""
     table = Table(
         title="Latency under load by arm and rate (ms; lower is better)",
         caption=(
