@@ -18,3 +18,4 @@ latest=$(ls -td .nova-ab/serving-* 2>/dev/null | head -1)
 [ -n "$latest" ] && [ -f "$latest/compare.png" ] && cp "$latest/compare.png" $OUT/serving.png
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) | tar czf $OUT/ledgers.tgz -T -
 du -sh .cache/* 2>/dev/null | tee $OUT/caches.txt  # what a carried JIT cache would weigh
+pack_jit_cache

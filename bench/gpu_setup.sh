@@ -19,7 +19,13 @@ export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONU
 # Every JIT cache (Triton's kernels, flashinfer's modules, vLLM's torch.compile artifacts) under the repository's
 # ignored .cache/, which a warm machine keeps for the next call: a second call then skips what the first compiled
 # (on a fresh machine, ~110 s of flashinfer JIT and ~90 to 130 s of a vLLM start).
-export TRITON_CACHE_DIR=$PWD/.cache/triton FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi VLLM_CACHE_ROOT=$PWD/.cache/vllm
+export TRITON_CACHE_DIR=$PWD/.cache/triton FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi VLLM_CACHE_ROOT=$PWD/.cache/vllm \
+    TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+# A fresh machine starts from a carried .cache/jit.tar.xz where there is one (what pack_jit_cache brought back from an
+# earlier machine of the same image), so that vLLM's first start skips its ~100 s of Triton JIT.
+if [ -f .cache/jit.tar.xz ] && [ ! -d .cache/triton ]; then
+    tar xJf .cache/jit.tar.xz -C .cache
+fi
 # Our pyproject files state their licence as a PEP 639 expression, which setuptools reads from 77 on.
 if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
     echo "gpu_setup.sh: building our distributions needs setuptools 77 or newer, the image has" \
@@ -50,4 +56,15 @@ install_vllm() {
         tail -5 $OUT/vllm_setup.txt; echo "$1: vLLM is not installed (stash it first): no trial run"; exit 1;
     }
     export PYTHONPATH=$PYTHONPATH:/tmp/vsite
+}
+
+# The Triton, torch.compile and inductor caches packed into $OUT/jit.tar.xz, to be carried as .cache/jit.tar.xz by a
+# later call on a fresh machine; left out, with a line saying so, when packed they pass a returned file's 16 MiB.
+pack_jit_cache() {
+    tar cf - -C .cache triton vllm inductor 2>/dev/null | xz -T0 -6 > $OUT/jit.tar.xz
+    local size=$(stat -c %s $OUT/jit.tar.xz)
+    echo "JIT caches packed: $((size >> 10)) KiB"
+    if [ "$size" -gt $((16 << 20)) ]; then
+        rm $OUT/jit.tar.xz; echo "too large to come back from a call: not packed"
+    fi
 }

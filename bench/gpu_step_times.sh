@@ -26,3 +26,4 @@ timeout "${LIMIT:-400}" python3 -m novainfer.ab.sweep.cli sweep $exp ${RESUME:+-
 find .nova-ab \( -name ledger.jsonl -o -name sweep.json -o -name '*.log' \) -path '*kv_layout*' \
     | tar czf $OUT/ledgers.tgz -T -
 du -sh .cache/* 2>/dev/null | tee $OUT/caches.txt
+pack_jit_cache
