@@ -22,9 +22,12 @@ export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONU
 export TRITON_CACHE_DIR=$PWD/.cache/triton FLASHINFER_WORKSPACE_BASE=$PWD/.cache/fi VLLM_CACHE_ROOT=$PWD/.cache/vllm \
     TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 # A fresh machine starts from a carried .cache/jit.tar.xz where there is one (what pack_jit_cache brought back from an
-# earlier machine of the same image), so that vLLM's first start skips its ~100 s of Triton JIT.
+# earlier machine of the same image), so that vLLM's first start skips what it compiles (bench/RESULTS.md, seventh
+# session: its torch.compile 19.7 -> 4.7 s; its ~110 s kernel warm-up was untouched by the Triton cache alone).
 if [ -f .cache/jit.tar.xz ] && [ ! -d .cache/triton ]; then
     tar xJf .cache/jit.tar.xz -C .cache
+    # Newer than the sources pip just installed, so flashinfer's ninja sees nothing to rebuild.
+    [ -d .cache/fi ] && find .cache/fi -exec touch {} +
 fi
 # Our pyproject files state their licence as a PEP 639 expression, which setuptools reads from 77 on.
 if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
@@ -58,10 +61,11 @@ install_vllm() {
     export PYTHONPATH=$PYTHONPATH:/tmp/vsite
 }
 
-# The Triton, torch.compile and inductor caches packed into $OUT/jit.tar.xz, to be carried as .cache/jit.tar.xz by a
-# later call on a fresh machine; left out, with a line saying so, when packed they pass a returned file's 16 MiB.
+# The Triton, torch.compile, inductor and flashinfer caches packed into $OUT/jit.tar.xz, to be carried as
+# .cache/jit.tar.xz by a later call on a fresh machine; left out, with a line saying so, when packed they pass a
+# returned file's 16 MiB.
 pack_jit_cache() {
-    tar cf - -C .cache triton vllm inductor 2>/dev/null | xz -T0 -6 > $OUT/jit.tar.xz
+    tar cf - -C .cache triton vllm inductor fi 2>/dev/null | xz -T0 -6 > $OUT/jit.tar.xz
     local size=$(stat -c %s $OUT/jit.tar.xz)
     echo "JIT caches packed: $((size >> 10)) KiB"
     if [ "$size" -gt $((16 << 20)) ]; then
