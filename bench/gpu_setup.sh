@@ -27,7 +27,7 @@ export TRITON_CACHE_DIR=$PWD/.cache/triton FLASHINFER_WORKSPACE_BASE=$PWD/.cache
 if [ -f .cache/jit.tar.xz ] && [ ! -d .cache/triton ]; then
     tar xJf .cache/jit.tar.xz -C .cache
     # Newer than the sources pip just installed, so flashinfer's ninja sees nothing to rebuild.
-    [ -d .cache/fi ] && find .cache/fi -exec touch {} +
+    if [ -d .cache/fi ]; then find .cache/fi -exec touch {} +; fi
 fi
 # Our pyproject files state their licence as a PEP 639 expression, which setuptools reads from 77 on.
 if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
