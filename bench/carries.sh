@@ -11,7 +11,9 @@
 #                never loads: the Java workers' jars, the dashboard's web client (the executor starts no dashboard)
 #                and the AI libraries (data, train, tune, serve, rllib, llm); with jsonschema and its parts. The
 #                image has Ray's other requirements (click, filelock, msgpack, protobuf, pyyaml, requests).
-# vllm    53 MB  vLLM 0.26.0's one-carry bundle from ../shared/peers/vllm-0.26.0 (its README)
+# vllm    53 MB  vLLM 0.26.0's bundle from ../shared/peers/vllm-0.26.0 (its README), split in two pieces, .vllm/c1 and
+#                .vllm/c2, stashed by two calls (`bash .vllm/vllm_device_setup.sh`, carrying one piece and the script
+#                each): beside the repository's tracked files (12 MB) the one 53 MB piece no longer fits a call
 set -euo pipefail
 cd "$(dirname "$0")/.."
 get() {
@@ -55,9 +57,14 @@ for carry in "$@"; do
             repack "$folder" "$folder"/ray-2.60.0-*.whl ray_2.60.0.tar.xz ray/jars ray/dashboard/client/build \
                 ray/data ray/train ray/tune ray/serve ray/rllib ray/llm ;;
         vllm)
-            mkdir -p "$folder/c1"
-            cp ../shared/peers/vllm-0.26.0/vllm_site.tar.xz.part-00 "$folder/c1/"
-            cp ../shared/peers/vllm-0.26.0/vllm_device_setup.sh "$folder/" ;;
+            mkdir -p "$folder/c1" "$folder/c2"
+            split -n 2 -d -a 2 ../shared/peers/vllm-0.26.0/vllm_site.tar.xz.part-00 "$folder/vllm_site.tar.xz.part-"
+            mv "$folder/vllm_site.tar.xz.part-00" "$folder/c1/"
+            mv "$folder/vllm_site.tar.xz.part-01" "$folder/c2/"
+            # The setup script joins the pieces in name order and checks the whole bundle's sha256 as before.
+            sed 's/^NPIECES=1$/NPIECES=2/' ../shared/peers/vllm-0.26.0/vllm_device_setup.sh \
+                > "$folder/vllm_device_setup.sh"
+            grep -q '^NPIECES=2$' "$folder/vllm_device_setup.sh" ;;
         *)
             echo "carries.sh: no carry named '$carry' (whl, whlmin, fa4, ray, vllm)" >&2
             exit 2 ;;

@@ -4,7 +4,8 @@
 # installed (an arm missing from a call is recorded as skipped, which only RERUN_FAILED=1 runs again),
 # and .whl with .vllm is more than one call carries, so each call is two back to back (the machine keeps /tmp
 # for 30 s between them):
-#   call 1, carry .vllm:                     bash .vllm/vllm_device_setup.sh          (stashes the bundle in /tmp)
+#   calls 1a, 1b, carry .vllm/c1, then .vllm/c2, each with .vllm/vllm_device_setup.sh:
+#                                            bash .vllm/vllm_device_setup.sh          (stash the bundle in /tmp)
 #   call 2, carry .whl, .vllm/vllm_device_setup.sh (and .nova-ab after the first): [RESUME=1] bash bench/gpu_headline.sh
 # Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call (it holds .nova-ab/), so that
 # RESUME=1 runs only the trials still missing (RERUN_FAILED=1: also those that failed, timed out or were

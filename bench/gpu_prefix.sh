@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prefix caching on the device. Ours alone, one call with .whl:
 #   NO_PEERS=1 BACKENDS='"native"' bash bench/gpu_prefix.sh
-# With the vLLM arm, two calls back to back as bench/gpu_headline.sh's (`bash .vllm/vllm_device_setup.sh` carrying
-# .vllm, then this script carrying .whl and .vllm/vllm_device_setup.sh): vLLM is installed when that file is here.
+# With the vLLM arm, calls back to back as bench/gpu_headline.sh's (`bash .vllm/vllm_device_setup.sh` carrying
+# .vllm/c1, then .vllm/c2, then this script carrying .whl and .vllm/vllm_device_setup.sh): vLLM is installed when
+# that file is here.
 # experiments/prefix.toml (8 groups sharing a 1024-token system prompt; prefix cache off and on, native and
 # flashinfer, vLLM with its cache on), REPEATS per arm (default: the file's), within LIMIT seconds (default
 # 540); a later call with RESUME=1 continues from the ledger. Table in $OUT/prefix.txt, ledgers in

@@ -2,7 +2,8 @@
 # Issue 27's online run (experiments/serving.toml: native with the asynchronous host path against vLLM 0.26.0 at
 # 8..64 req/s, SLO TTFT <= 500 ms / TPOT <= 30 ms, 2 repeats), over as many device calls as it takes, each two
 # back to back as bench/gpu_headline.sh's (the machine keeps /tmp for 30 s between them):
-#   call 1, carry .vllm:                                      bash .vllm/vllm_device_setup.sh   (stashes the bundle)
+#   calls 1a, 1b, carry .vllm/c1, then .vllm/c2, each with .vllm/vllm_device_setup.sh:
+#                                                             bash .vllm/vllm_device_setup.sh   (stash the bundle)
 #   call 2, carry .whl, .vllm/vllm_device_setup.sh (and .nova-ab after the first):  [RESUME=1] bash bench/gpu_serving.sh
 # Bring $OUT/ledgers.tgz home and unpack it in the repository before the next call; or, to keep the machine warm
 # (and vLLM's Triton, torch.compile and flashinfer caches under .cache/ with it), call again at once with RESUME=1

@@ -13,6 +13,11 @@ for dir in ${NOVA_WHEELS:-.whl}; do
         [ -e "$packed" ] && tar xJf "$packed" -C /tmp/site
     done
 done
+# flashinfer's modules (vLLM's sampler among them) are ninja builds over headers in /tmp/site, and ninja rebuilds
+# whatever is older than its newest input, by the file's time and by the time its log recorded. Fresh install times
+# made every call rebuild vLLM's sampler (85 to 97 s of nvcc at its first start, even on a warm machine that kept
+# .cache/fi: bench/RESULTS.md, eighth session); one fixed old time keeps a kept or carried build current.
+find /tmp/site -exec touch -h -d 2020-01-01 {} +
 # A .pth file is read only in site directories, not on PYTHONPATH: the CUTLASS DSL's goes here by hand. Set before
 # our own builds, so that a setuptools carried in .whl is the one that builds them.
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
@@ -23,11 +28,9 @@ export TRITON_CACHE_DIR=$PWD/.cache/triton FLASHINFER_WORKSPACE_BASE=$PWD/.cache
     TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 # A fresh machine starts from a carried .cache/jit.tar.xz where there is one (what pack_jit_cache brought back from an
 # earlier machine of the same image), so that vLLM's first start skips what it compiles (bench/RESULTS.md, seventh
-# session: its torch.compile 19.7 -> 4.7 s; its ~110 s kernel warm-up was untouched by the Triton cache alone).
+# session: its torch.compile 19.7 -> 4.7 s).
 if [ -f .cache/jit.tar.xz ] && [ ! -d .cache/triton ]; then
     tar xJf .cache/jit.tar.xz -C .cache
-    # Newer than the sources pip just installed, so flashinfer's ninja sees nothing to rebuild.
-    if [ -d .cache/fi ]; then find .cache/fi -exec touch {} +; fi
 fi
 # Our pyproject files state their licence as a PEP 639 expression, which setuptools reads from 77 on.
 if ! python3 -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
@@ -52,8 +55,9 @@ if ! python3 -m pip check > /tmp/pip-check.txt 2>&1; then
 fi
 set +e
 
-# vLLM from the bundle that a call just before stashed in /tmp (`bash .vllm/vllm_device_setup.sh`, carrying .vllm),
-# unpacked into /tmp/vsite and put on PYTHONPATH; without it the calling script ($1 names it) stops before any trial.
+# vLLM from the bundle that the calls just before stashed in /tmp (`bash .vllm/vllm_device_setup.sh`, carrying
+# .vllm/c1, then .vllm/c2: bench/carries.sh), unpacked into /tmp/vsite and put on PYTHONPATH; without it the calling
+# script ($1 names it) stops before any trial.
 install_vllm() {
     bash .vllm/vllm_device_setup.sh install > $OUT/vllm_setup.txt 2>&1 || {
         tail -5 $OUT/vllm_setup.txt; echo "$1: vLLM is not installed (stash it first): no trial run"; exit 1;

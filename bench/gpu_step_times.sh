@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27's run 3, where the time goes, in one call after the vLLM stash (as bench/gpu_headline.sh):
-#   call 1, carry .vllm:                              bash .vllm/vllm_device_setup.sh
+#   calls 1a, 1b, carry .vllm/c1, then .vllm/c2, each with .vllm/vllm_device_setup.sh:
+#                                                     bash .vllm/vllm_device_setup.sh
 #   call 2, carry .whl, .vllm/vllm_device_setup.sh:   bash bench/gpu_step_times.sh
 # First native's step times on the headline workload, async on (bench/step_times_gpu.py: exposed host per decode
 # step by bucket, replay time beside the weights' read, the largest bucket's replay by kernel) in $OUT/step_times.txt;
